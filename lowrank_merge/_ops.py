@@ -1,0 +1,88 @@
+"""The two per-layer ops, run by the C++ extension when it is built and loaded,
+and by the pure-torch twins in :mod:`lowrank_merge.engines` otherwise.
+
+Ops (namespace ``lowrank_merge``, registered with ``TORCH_LIBRARY``):
+
+* ``low_rank_factors(Tensor A, int k, str engine, int niter, Tensor? omega)
+  -> (Tensor U, Tensor S, Tensor Vh)``
+* ``centered_low_rank_sum(Tensor stack, int k, str engine, int niter,
+  Tensor? omega) -> (Tensor average, Tensor delta)``
+
+Fake (meta) kernels are registered here so that ``torch.compile`` and
+``torch.library.opcheck`` can trace them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import engines
+
+NAMESPACE = "lowrank_merge"
+_load_error: str | None = None
+_warned = False
+
+try:
+    importlib.import_module(f"{__package__}._C")  # importing registers the ops
+except Exception as error:  # not built, or an undefined symbol from an ABI mismatch
+    _load_error = f"{type(error).__name__}: {error}"
+
+
+def extension_available() -> bool:
+    """Whether the compiled ``lowrank_merge._C`` extension is loaded.
+
+    When it is not, every function still works through pure torch; a warning
+    says once why the extension is unavailable.
+    """
+    global _warned
+    if _load_error is not None and not _warned:
+        _warned = True
+        warnings.warn(
+            f"lowrank_merge C++ extension not available ({_load_error}); using the pure-torch path",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _load_error is None
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the extension has a kernel for tensors on ``device_type``."""
+    if not extension_available():
+        return False
+    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return dispatch_key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{NAMESPACE}::centered_low_rank_sum", dispatch_key
+    )
+
+
+if _load_error is None:
+
+    @torch.library.register_fake(f"{NAMESPACE}::low_rank_factors")
+    def _low_rank_factors_fake(A: Tensor, k: int, engine: str, niter: int, omega: Tensor | None):
+        *batch, m, n = A.shape
+        return A.new_empty(*batch, m, k), A.new_empty(*batch, k), A.new_empty(*batch, k, n)
+
+    @torch.library.register_fake(f"{NAMESPACE}::centered_low_rank_sum")
+    def _centered_low_rank_sum_fake(stack: Tensor, k: int, engine: str, niter: int, omega: Tensor | None):
+        _, m, n = stack.shape
+        return stack.new_empty(m, n), stack.new_empty(m, n)
+
+
+def low_rank_factors(
+    A: Tensor, k: int, engine: str, niter: int, omega: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    if has_kernel(A.device.type):
+        return torch.ops.lowrank_merge.low_rank_factors(A, k, engine, niter, omega)
+    return engines.low_rank_factors(A, k, engine, niter, omega)
+
+
+def centered_low_rank_sum(
+    stack: Tensor, k: int, engine: str, niter: int, omega: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    if has_kernel(stack.device.type):
+        return torch.ops.lowrank_merge.centered_low_rank_sum(stack, k, engine, niter, omega)
+    return engines.centered_low_rank_sum(stack, k, engine, niter, omega)

@@ -1,0 +1,449 @@
+"""CART: the one place that decides the math of a merge.
+
+θ = θ_avg + λ · Σ_t SVD_k(θ_t − θ_avg) for each selected 2-D weight, θ_avg for
+every other floating tensor (Choi et al., "Revisiting Weight Averaging for
+Model Merging", arXiv 2412.12153).
+
+The unit of work is one tensor name across the T models
+(:func:`merge_tensor`); :func:`cart_merge` runs it over in-memory state
+dicts and the checkpoint streamer runs it over tensors read from disk, so both
+give the same result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops
+from .engines import SKETCH_ENGINES, gaussian_sketch, sketch_width
+from .selection import KeyFilter, rank_for
+from .validation import TensorMeta, check_compatible, check_merge_parameters, check_scale, check_tensor_values
+
+#: The CART paper's headline rank ratio (about 8 % of min(m, n)).
+DEFAULT_RANK_RATIO = 0.08
+#: λ of the reference configuration for 8 ViT-B/32 tasks; the paper's configs
+#: use 1.5–2.0 for vision and 1.3–1.6 for language models.
+DEFAULT_SCALE = 2.0
+#: Power (or Krylov) iterations of the sketch engines: 2 keeps the residual
+#: within 1 % of the optimal rank-k residual on slowly decaying spectra.
+DEFAULT_NITER = 2
+#: Extra sketch columns beyond k: 10 for subspace iteration (Halko et al.),
+#: none for block Krylov, whose extra blocks already widen the space.
+DEFAULT_OVERSAMPLE = {"randomized": 10, "krylov": 0}
+#: What ``svd="auto"`` runs: the fastest engine that meets the accuracy goal
+#: (see benchmarks/engines.py and the README's measurements).
+AUTO_ENGINE = "randomized"
+
+StateDict = Mapping[str, Tensor]
+ModelLike = StateDict | nn.Module
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """Validated parameters of a CART merge (build with :meth:`create`)."""
+
+    rank_ratio: float = DEFAULT_RANK_RATIO
+    rank: int | None = None
+    scale: float = DEFAULT_SCALE
+    key_filter: KeyFilter = field(default_factory=lambda: KeyFilter.build(None, None))
+    svd: str = AUTO_ENGINE
+    niter: int = DEFAULT_NITER
+    oversample: int = 0
+    seed: int = 0
+    device: torch.device | None = None
+    compute_dtype: torch.dtype = torch.float32
+    out_dtype: torch.dtype | None = None
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        rank_ratio: float = DEFAULT_RANK_RATIO,
+        rank: int | None = None,
+        scale: float = DEFAULT_SCALE,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        svd: str = "auto",
+        niter: int | None = None,
+        oversample: int | None = None,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        out_dtype: torch.dtype | None = None,
+    ) -> "MergeSettings":
+        check_merge_parameters(
+            rank_ratio=rank_ratio, rank=rank, scale=scale, svd=svd, niter=niter, oversample=oversample
+        )
+        if compute_dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}; "
+                "half-precision inputs are upcast, never decomposed in half precision"
+            )
+        if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+            raise ValueError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+        engine = AUTO_ENGINE if svd == "auto" else svd
+        return cls(
+            rank_ratio=float(rank_ratio),
+            rank=rank,
+            scale=float(scale),
+            key_filter=KeyFilter.build(include, exclude),
+            svd=engine,
+            niter=DEFAULT_NITER if niter is None else int(niter),
+            oversample=DEFAULT_OVERSAMPLE.get(engine, 0) if oversample is None else int(oversample),
+            seed=int(seed),
+            device=None if device is None else torch.device(device),
+            compute_dtype=compute_dtype,
+            out_dtype=out_dtype,
+        )
+
+    def rank_of(self, shape: Sequence[int]) -> int:
+        return rank_for(shape, self.rank_ratio, self.rank)
+
+    def is_low_rank(self, name: str, meta: TensorMeta) -> bool:
+        return self.key_filter.is_low_rank(name, meta.shape, meta.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Per layer
+# ---------------------------------------------------------------------------
+
+
+def _sketch_for(A: Tensor, k: int, engine: str, oversample: int, seed: int) -> Tensor | None:
+    if engine not in SKETCH_ENGINES:
+        return None
+    m, n = A.shape[-2:]
+    return gaussian_sketch(n, sketch_width(engine, k, oversample, m, n), seed, A.dtype, A.device)
+
+
+def _check_stack(stack: Tensor, k: int) -> None:
+    if not isinstance(stack, Tensor) or stack.dim() != 3 or not stack.dtype.is_floating_point:
+        raise ValueError(f"stack must be a floating tensor of shape [T, m, n], got {_describe(stack)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"{value.dtype} tensor of shape {list(value.shape)}"
+    return type(value).__name__
+
+
+def cart_layer_parts(
+    stack: Tensor,
+    k: int,
+    *,
+    svd: str = "auto",
+    niter: int | None = None,
+    oversample: int | None = None,
+    seed: int = 0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """The average ``[m, n]`` and low-rank sum ``[m, n]`` of one layer.
+
+    ``stack`` is ``[T, m, n]`` (any floating dtype); results are in
+    ``compute_dtype``. The merged layer for any λ is ``average + λ * delta``, so
+    several λ values can be tried without decomposing again.
+    """
+    _check_stack(stack, k)
+    settings = MergeSettings.create(svd=svd, niter=niter, oversample=oversample, seed=seed, compute_dtype=compute_dtype)
+    return _layer_parts(stack.to(compute_dtype), min(k, *stack.shape[-2:]), settings)
+
+
+def _layer_parts(stack: Tensor, k: int, settings: MergeSettings) -> tuple[Tensor, Tensor | None]:
+    """``(average, delta)``; ``delta`` is None where it is zero by identity."""
+    T, m, n = stack.shape
+    # With one model, or at full rank, Σ_t τ̄_t = 0 exactly: skip the work.
+    if T == 1 or k >= min(m, n):
+        return stack.mean(dim=0), None
+    omega = _sketch_for(stack, k, settings.svd, settings.oversample, settings.seed)
+    return _ops.centered_low_rank_sum(stack, k, settings.svd, settings.niter, omega)
+
+
+def cart_layer(
+    stack: Tensor,
+    k: int,
+    scale: float = DEFAULT_SCALE,
+    *,
+    svd: str = "auto",
+    niter: int | None = None,
+    oversample: int | None = None,
+    seed: int = 0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """One CART layer: ``θ_avg + scale · Σ_t SVD_k(θ_t − θ_avg)``.
+
+    ``stack``: ``[T, m, n]``, the layer of the T models (any floating dtype).
+    Returns ``[m, n]`` in ``stack``'s dtype; the math runs in ``compute_dtype``.
+    """
+    check_scale(scale)
+    average, delta = cart_layer_parts(
+        stack, k, svd=svd, niter=niter, oversample=oversample, seed=seed, compute_dtype=compute_dtype
+    )
+    return combine_parts(average, delta, scale, stack.dtype, stack.device)
+
+
+def low_rank_approx(
+    A: Tensor,
+    k: int,
+    *,
+    svd: str = "auto",
+    niter: int | None = None,
+    oversample: int | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k SVD factors of ``A`` ``[..., m, n]`` with the merge's engines.
+
+    Returns ``U [..., m, k]``, ``S [..., k]`` (descending), ``Vh [..., k, n]``
+    in ``A``'s dtype (float32 or float64); ``k`` is clipped to ``min(m, n)``.
+    All matrices of a batch share one sketch, so ``f(-A) = -f(A)``.
+    """
+    if not isinstance(A, Tensor) or A.dim() < 2 or A.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"A must be a float32 or float64 tensor of shape [..., m, n], got {_describe(A)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    settings = MergeSettings.create(svd=svd, niter=niter, oversample=oversample, seed=seed)
+    k = min(k, *A.shape[-2:])
+    omega = _sketch_for(A, k, settings.svd, settings.oversample, settings.seed)
+    return _ops.low_rank_factors(A, k, settings.svd, settings.niter, omega)
+
+
+# ---------------------------------------------------------------------------
+# Per tensor name
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What happens to one tensor name: ``low_rank`` (with rank k), ``average`` or ``copy``."""
+
+    name: str
+    action: str
+    shape: tuple[int, ...]
+    rank: int | None = None
+
+
+def plan_tensor(name: str, meta: TensorMeta, settings: MergeSettings) -> TensorPlan:
+    if not meta.dtype.is_floating_point:
+        return TensorPlan(name, "copy", meta.shape)
+    if settings.is_low_rank(name, meta):
+        return TensorPlan(name, "low_rank", meta.shape, settings.rank_of(meta.shape))
+    return TensorPlan(name, "average", meta.shape)
+
+
+def _stack(tensors: Sequence[Tensor], settings: MergeSettings) -> Tensor:
+    """``[T, ...]`` in the compute dtype on the compute device, in one copy per input."""
+    device = settings.device or tensors[0].device
+    stack = torch.empty((len(tensors), *tensors[0].shape), dtype=settings.compute_dtype, device=device)
+    for slot, tensor in zip(stack, tensors):
+        slot.copy_(tensor)
+    return stack
+
+
+def tensor_parts(
+    plan: TensorPlan, tensors: Sequence[Tensor], settings: MergeSettings
+) -> tuple[Tensor, Tensor | None]:
+    """``(average, delta)`` of one tensor name, in the compute dtype.
+
+    For ``copy`` tensors the "average" is the first model's tensor itself and
+    ``delta`` is None; for ``average`` tensors ``delta`` is None.
+    """
+    if plan.action == "copy":
+        return tensors[0], None
+    stack = _stack(tensors, settings)
+    if plan.action == "average":
+        return stack.mean(dim=0), None
+    return _layer_parts(stack, plan.rank, settings)
+
+
+def output_dtype(plan: TensorPlan, first: Tensor, settings: MergeSettings) -> torch.dtype:
+    """``settings.out_dtype`` for floating tensors, else the input's own dtype."""
+    if plan.action == "copy" or settings.out_dtype is None:
+        return first.dtype
+    return settings.out_dtype
+
+
+def combine_parts(
+    average: Tensor, delta: Tensor | None, scale: float, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """A fresh tensor ``average + scale * delta`` in ``dtype`` on ``device``."""
+    merged = average if delta is None or scale == 0 else average + scale * delta
+    return merged.to(device=device, dtype=dtype, copy=True)
+
+
+def merge_tensor(name: str, tensors: Sequence[Tensor], settings: MergeSettings, labels: Sequence[str]) -> Tensor:
+    """Merge the T values of one tensor name (the unit the streamer runs).
+
+    Checks values first (finite, or equal for non-floating buffers). The result
+    is on the first tensor's device, in ``settings.out_dtype`` or the first
+    tensor's dtype.
+    """
+    check_tensor_values(name, tensors, labels)
+    first = tensors[0]
+    plan = plan_tensor(name, TensorMeta.of(first), settings)
+    average, delta = tensor_parts(plan, tensors, settings)
+    return combine_parts(average, delta, settings.scale, output_dtype(plan, first, settings), first.device)
+
+
+# ---------------------------------------------------------------------------
+# Whole models
+# ---------------------------------------------------------------------------
+
+
+def as_state_dict(model: ModelLike, label: str) -> StateDict:
+    if isinstance(model, nn.Module):
+        return model.state_dict()
+    if isinstance(model, Mapping):
+        for name, value in model.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{label}: value of {name!r} is a {type(value).__name__}, not a torch.Tensor")
+        return model
+    raise TypeError(f"{label} is a {type(model).__name__}; expected a state dict (name -> tensor) or an nn.Module")
+
+
+def prepare_models(
+    models: Sequence[ModelLike], base: ModelLike | None
+) -> tuple[list[StateDict], list[str]]:
+    """State dicts and their labels, checked for compatibility (base included)."""
+    if isinstance(models, (Mapping, nn.Module)) or not isinstance(models, Sequence):
+        raise TypeError("models must be a sequence (list or tuple) of state dicts or nn.Modules")
+    if len(models) == 0:
+        raise ValueError("no models to merge: pass at least one state dict")
+    labels = [f"model {index}" for index in range(len(models))]
+    state_dicts = [as_state_dict(model, label) for model, label in zip(models, labels)]
+    checked, checked_labels = list(state_dicts), list(labels)
+    if base is not None:
+        # The base cancels out of CART (θ_t − θ_0 − mean(θ_t − θ_0) = θ_t − θ_avg);
+        # it is only checked, so that a wrong base is reported, not ignored.
+        checked.append(as_state_dict(base, "base"))
+        checked_labels.append("base")
+    check_compatible([{n: TensorMeta.of(t) for n, t in sd.items()} for sd in checked], checked_labels)
+    return state_dicts, labels
+
+
+def _check_all_values(state_dicts: Sequence[StateDict], labels: Sequence[str]) -> None:
+    for name in state_dicts[0]:
+        check_tensor_values(name, [sd[name] for sd in state_dicts], labels)
+
+
+def _progress(names: Sequence[str], enabled: bool, description: str) -> Iterable[str]:
+    if not enabled:
+        return names
+    from tqdm.auto import tqdm
+
+    return tqdm(names, desc=description, unit="tensor")
+
+
+def cart_merge(
+    models: Sequence[ModelLike],
+    *,
+    rank_ratio: float = DEFAULT_RANK_RATIO,
+    rank: int | None = None,
+    scale: float = DEFAULT_SCALE,
+    base: ModelLike | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    svd: str = "auto",
+    niter: int | None = None,
+    oversample: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Merge T fine-tuned models with CART.
+
+    Args:
+        models: T >= 1 state dicts (name -> tensor) or ``nn.Module`` s with the
+            same keys and shapes.
+        rank_ratio: kept rank per matrix, ``k = max(1, floor(rank_ratio *
+            min(m, n)))``; in (0, 1]. Default 0.08, the paper's headline rank.
+        rank: a fixed k for every matrix instead (clipped to ``min(m, n)``).
+        scale: λ, the factor on the summed low-rank task vectors. Default 2.0.
+        base: the pretrained model. Checked for compatibility only: it cancels
+            out of CART.
+        include / exclude: regular expressions (``re.search`` on the name)
+            choosing the low-ranked 2-D tensors. ``exclude=None`` means
+            :data:`~lowrank_merge.DEFAULT_EXCLUDE`; see
+            :func:`~lowrank_merge.key_preset` for the reference filter.
+        svd: ``"auto"``, ``"exact"``, ``"randomized"``, ``"krylov"`` or ``"gram"``.
+        niter / oversample: iterations and extra sketch columns of the sketch
+            engines (defaults: 2, and 10 for ``randomized`` / 0 for ``krylov``).
+        seed: seed of the Gaussian sketch; equal seeds give equal results.
+        device: where the math runs (default: where the tensors are).
+        compute_dtype: float32 (default) or float64.
+        out_dtype: dtype of floating outputs (default: each input's dtype).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The merged state dict, on the devices of the first model's tensors.
+    """
+    settings = MergeSettings.create(
+        rank_ratio=rank_ratio,
+        rank=rank,
+        scale=scale,
+        include=include,
+        exclude=exclude,
+        svd=svd,
+        niter=niter,
+        oversample=oversample,
+        seed=seed,
+        device=device,
+        compute_dtype=compute_dtype,
+        out_dtype=out_dtype,
+    )
+    state_dicts, labels = prepare_models(models, base)
+    _check_all_values(state_dicts, labels)
+    return {
+        name: merge_tensor(name, [sd[name] for sd in state_dicts], settings, labels)
+        for name in _progress(list(state_dicts[0]), progress, "CART merge")
+    }
+
+
+@dataclass
+class CartDeltas:
+    """A decomposed merge: the average and the low-rank sum of every tensor.
+
+    ``merged(scale)`` gives the CART merge for any λ without decomposing again,
+    which makes tuning λ on a validation set cheap. Holds about twice the size
+    of one model.
+    """
+
+    parts: dict[str, tuple[Tensor, Tensor | None]]
+    layouts: dict[str, tuple[torch.dtype, torch.device]]  # output dtype and device per name
+
+    def merged(self, scale: float) -> dict[str, Tensor]:
+        check_scale(scale)
+        return {
+            name: combine_parts(average, delta, scale, *self.layouts[name])
+            for name, (average, delta) in self.parts.items()
+        }
+
+
+def cart_decompose(
+    models: Sequence[ModelLike],
+    *,
+    base: ModelLike | None = None,
+    progress: bool = False,
+    **settings: object,
+) -> CartDeltas:
+    """Decompose once, then merge at any λ with ``.merged(scale)``.
+
+    Keyword arguments as in :func:`cart_merge` (``scale`` is given later);
+    ``cart_decompose(models, **kw).merged(λ)`` equals
+    ``cart_merge(models, scale=λ, **kw)``.
+    """
+    merge_settings = MergeSettings.create(**settings)
+    state_dicts, labels = prepare_models(models, base)
+    _check_all_values(state_dicts, labels)
+    parts, layouts = {}, {}
+    for name in _progress(list(state_dicts[0]), progress, "CART decompose"):
+        tensors = [sd[name] for sd in state_dicts]
+        plan = plan_tensor(name, TensorMeta.of(tensors[0]), merge_settings)
+        parts[name] = tensor_parts(plan, tensors, merge_settings)
+        layouts[name] = (output_dtype(plan, tensors[0], merge_settings), tensors[0].device)
+    return CartDeltas(parts, layouts)

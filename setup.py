@@ -1,0 +1,68 @@
+"""Build lowrank_merge and its torch extension lowrank_merge._C.
+
+The CPU ops are always built. The CUDA kernels (csrc/cuda/) are added when
+torch sees a CUDA toolkit and either a GPU is present or
+LOWRANK_MERGE_FORCE_CUDA=1 (to compile on a machine without a GPU). Set
+LOWRANK_MERGE_NO_EXTENSION=1 to install the pure-torch package only.
+
+Install torch first and build with ``pip install --no-build-isolation -e .``
+so that pip never resolves torch on its own.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def _extensions():
+    if _flag("LOWRANK_MERGE_NO_EXTENSION"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    use_cuda = CUDA_HOME is not None and bool(cuda_sources) and (torch.cuda.is_available() or _flag("LOWRANK_MERGE_FORCE_CUDA"))
+    cxx_flags = ["-O3", "-std=c++17"]
+    if use_cuda:
+        extension = CUDAExtension(
+            "lowrank_merge._C",
+            sources + cuda_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags + ["-DLOWRANK_MERGE_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]},
+            libraries=["cublas", "cusolver"],
+        )
+    else:
+        extension = CppExtension(
+            "lowrank_merge._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx_flags}
+        )
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="lowrank_merge",
+    version="0.1.0",
+    description="Fast CART model merging (centered, rank-reduced task vectors) with a C++/CUDA torch extension",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["lowrank_merge", "lowrank_merge.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately not listed: a bare requirement would make pip pull a
+    # multi-GB CUDA build. Install the torch you want first (see README).
+    install_requires=["numpy", "safetensors>=0.4", "tqdm", "pyyaml"],
+    extras_require={"test": ["pytest", "hypothesis"]},
+    entry_points={"console_scripts": ["lowrank-merge=lowrank_merge.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
