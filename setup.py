@@ -30,14 +30,27 @@ def _extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     use_cuda = CUDA_HOME is not None and bool(cuda_sources) and (torch.cuda.is_available() or _flag("LOWRANK_MERGE_FORCE_CUDA"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch's build helper adds the standard its headers need
+    # (C++17 up to torch 2.13, C++20 from 2.14 on, whose ATen rejects C++17).
+    cxx_flags = ["-O3"]
     if use_cuda:
+        if not torch.cuda.is_available():
+            # Forced build without a GPU: torch picks the arch from the visible
+            # GPUs and fails when there are none. Default to A100 and H100 code,
+            # plus sm_90 PTX that newer GPUs can JIT-compile. With a GPU, torch
+            # targets the GPU's own arch unless TORCH_CUDA_ARCH_LIST says otherwise.
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        # No -use_fast_math: the centering kernel relies on IEEE division to
+        # match the CPU bit for bit. No cuBLAS/cuSOLVER link flags: the kernels
+        # reach them only through ATen (libtorch_cuda), on torch's own handles.
         extension = CUDAExtension(
             "lowrank_merge._C",
             sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx_flags + ["-DLOWRANK_MERGE_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]},
-            libraries=["cublas", "cusolver"],
+            extra_compile_args={
+                "cxx": cxx_flags + ["-DLOWRANK_MERGE_WITH_CUDA"],
+                "nvcc": ["-O3", "-DLOWRANK_MERGE_WITH_CUDA"],
+            },
         )
     else:
         extension = CppExtension(
@@ -61,7 +74,12 @@ setup(
     # multi-GB CUDA build. Install the torch you want first (see README).
     install_requires=["numpy", "safetensors>=0.4", "tqdm", "pyyaml"],
     extras_require={"test": ["pytest", "hypothesis"]},
-    entry_points={"console_scripts": ["lowrank-merge=lowrank_merge.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "lowrank-merge=lowrank_merge.cli:main",
+            "lowrank-mergekit=lowrank_merge.integrations.mergekit:main",
+        ]
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

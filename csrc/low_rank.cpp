@@ -4,51 +4,53 @@
 #include <vector>
 
 namespace lowrank_merge {
-namespace {
 
-at::Tensor orthonormal_basis(const at::Tensor& Y) {
+at::Tensor householder_orthonormal_basis(const at::Tensor& Y) {
   return std::get<0>(at::linalg_qr(Y, "reduced"));
 }
 
-// Top-k SVD of Q Q^T A for an orthonormal Q [..., m, l].
-Factors truncated_svd_of_projection(const at::Tensor& Q, const at::Tensor& A, int64_t k) {
+Factors dense_svd_of_projection(const at::Tensor& Q, const at::Tensor& A, int64_t k) {
   auto small = at::matmul(Q.mT(), A);  // [..., l, n]
   auto [U_small, S, Vh] = at::linalg_svd(small, /*full_matrices=*/false);
   return {at::matmul(Q, U_small.narrow(-1, 0, k)), S.narrow(-1, 0, k).contiguous(), Vh.narrow(-2, 0, k).contiguous()};
 }
+
+namespace {
 
 Factors exact_svd(const at::Tensor& A, int64_t k) {
   auto [U, S, Vh] = at::linalg_svd(A, /*full_matrices=*/false);
   return {U.narrow(-1, 0, k).contiguous(), S.narrow(-1, 0, k).contiguous(), Vh.narrow(-2, 0, k).contiguous()};
 }
 
-Factors randomized_svd(const at::Tensor& A, int64_t k, const at::Tensor& omega, int64_t niter) {
-  auto Q = orthonormal_basis(at::matmul(A, omega));
+Factors randomized_svd(
+    const at::Tensor& A, int64_t k, const at::Tensor& omega, int64_t niter, const EngineSteps& steps) {
+  auto Q = steps.orthonormal_basis(at::matmul(A, omega));
   for (int64_t i = 0; i < niter; ++i) {
-    Q = orthonormal_basis(at::matmul(A, orthonormal_basis(at::matmul(A.mT(), Q))));
+    Q = steps.orthonormal_basis(at::matmul(A, steps.orthonormal_basis(at::matmul(A.mT(), Q))));
   }
-  return truncated_svd_of_projection(Q, A, k);
+  return steps.truncated_svd_of_projection(Q, A, k);
 }
 
-Factors krylov_svd(const at::Tensor& A, int64_t k, const at::Tensor& omega, int64_t niter) {
-  auto block = orthonormal_basis(at::matmul(A, omega));
+Factors krylov_svd(
+    const at::Tensor& A, int64_t k, const at::Tensor& omega, int64_t niter, const EngineSteps& steps) {
+  auto block = steps.orthonormal_basis(at::matmul(A, omega));
   std::vector<at::Tensor> blocks{block};
   for (int64_t i = 0; i < niter; ++i) {
     // Orthonormalising each block keeps its span and the iteration stable.
-    block = orthonormal_basis(at::matmul(A, at::matmul(A.mT(), block)));
+    block = steps.orthonormal_basis(at::matmul(A, at::matmul(A.mT(), block)));
     blocks.push_back(block);
   }
-  return truncated_svd_of_projection(orthonormal_basis(at::cat(blocks, -1)), A, k);
+  return steps.truncated_svd_of_projection(steps.orthonormal_basis(at::cat(blocks, -1)), A, k);
 }
 
-Factors gram_svd(const at::Tensor& A, int64_t k) {
+Factors gram_svd(const at::Tensor& A, int64_t k, const EngineSteps& steps) {
   const auto m = A.size(-2), n = A.size(-1);
   if (m > n) {
-    auto [U, S, Vh] = gram_svd(A.mT(), k);
+    auto [U, S, Vh] = gram_svd(A.mT(), k, steps);
     return {Vh.mT().contiguous(), S, U.mT().contiguous()};
   }
   auto eigenvectors = std::get<1>(at::linalg_eigh(at::matmul(A, A.mT())));  // ascending
-  return truncated_svd_of_projection(eigenvectors.narrow(-1, m - k, k), A, k);
+  return steps.truncated_svd_of_projection(eigenvectors.narrow(-1, m - k, k), A, k);
 }
 
 bool is_sketch_engine(const std::string& engine) {
@@ -83,11 +85,11 @@ void check_factor_args(
 
 Factors low_rank_factors_generic(
     const at::Tensor& A, int64_t k, const std::string& engine, int64_t niter,
-    const std::optional<at::Tensor>& omega) {
+    const std::optional<at::Tensor>& omega, const EngineSteps& steps) {
   if (engine == "exact") return exact_svd(A, k);
-  if (engine == "gram") return gram_svd(A, k);
-  if (engine == "randomized") return randomized_svd(A, k, *omega, niter);
-  return krylov_svd(A, k, *omega, niter);
+  if (engine == "gram") return gram_svd(A, k, steps);
+  if (engine == "randomized") return randomized_svd(A, k, *omega, niter, steps);
+  return krylov_svd(A, k, *omega, niter, steps);
 }
 
 at::Tensor sum_of_reconstructions(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh) {

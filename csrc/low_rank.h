@@ -16,12 +16,32 @@ namespace lowrank_merge {
 
 using Factors = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// An orthonormal basis Q [..., m, min(m, p)] of the columns of Y [..., m, p]
+// by Householder QR (at::linalg_qr, "reduced"): the CPU's orthonormaliser.
+at::Tensor householder_orthonormal_basis(const at::Tensor& Y);
+
+// Top-k factors of Q Q^T A for an orthonormal Q [..., m, l], from a dense SVD of
+// the small [..., l, n] matrix Q^T A: the CPU's last step of the engines.
+Factors dense_svd_of_projection(const at::Tensor& Q, const at::Tensor& A, int64_t k);
+
+// The two steps of the engines that a device may run its own way. The engines
+// themselves (which products, how many passes, in what order) stay shared, so a
+// device differs from the CPU only in these two functions. The defaults are what
+// the CPU runs; csrc/cuda/ passes CholeskyQR2 and a Gram-eigh small SVD.
+struct EngineSteps {
+  // Y [..., m, p] -> an orthonormal basis Q [..., m, min(m, p)] of its columns.
+  at::Tensor (*orthonormal_basis)(const at::Tensor& Y) = householder_orthonormal_basis;
+  // (Q [..., m, l] orthonormal, A [..., m, n], k) -> top-k factors of Q Q^T A.
+  Factors (*truncated_svd_of_projection)(const at::Tensor& Q, const at::Tensor& A, int64_t k) =
+      dense_svd_of_projection;
+};
+
 // Top-k factors U [..., m, k], S [..., k], Vh [..., k, n] of A [..., m, n].
 // engine: "exact", "randomized", "krylov" or "gram"; omega [n, l] is the shared
-// Gaussian sketch needed by the two sketch engines.
+// Gaussian sketch needed by the two sketch engines. steps: see EngineSteps.
 Factors low_rank_factors_generic(
     const at::Tensor& A, int64_t k, const std::string& engine, int64_t niter,
-    const std::optional<at::Tensor>& omega);
+    const std::optional<at::Tensor>& omega, const EngineSteps& steps = EngineSteps{});
 
 // Sum over t of U_t diag(S_t) Vh_t as one product of concatenated factors:
 // U [T, m, k], S [T, k], Vh [T, k, n] -> [m, n].
