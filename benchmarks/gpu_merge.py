@@ -179,10 +179,10 @@ def engine_flops(engine: str, T: int, m: int, n: int, k: int) -> float:
     """GEMM FLOPs of an engine on one layer (the products with the [T, m, n]
     stack dominate; the small factorisations are left out)."""
     if engine == "krylov":
-        width = engines.sketch_width("krylov", k, 0, m, n)
+        width = engines.sketch_width(k, 0, m, n)
         passes = (1 + 2 * DEFAULT_NITER) + (DEFAULT_NITER + 1)  # sketch + iterations, then Q^T A on the whole basis
     else:
-        width = engines.sketch_width("randomized", k, DEFAULT_OVERSAMPLE["randomized"], m, n)
+        width = engines.sketch_width(k, DEFAULT_OVERSAMPLE["randomized"], m, n)
         passes = 2 + 2 * DEFAULT_NITER  # A Omega, niter x (A^T Q, A Q), Q^T A
     return 2.0 * T * m * n * width * passes + 2.0 * m * n * T * k  # + the sum of reconstructions
 
@@ -235,7 +235,7 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, rates: 
                 )
                 record(f"ours:{engine}", timing, timing["result"][1])
                 if engine in engines.SKETCH_ENGINES:
-                    width = engines.sketch_width(engine, k, DEFAULT_OVERSAMPLE[engine], m, n)
+                    width = engines.sketch_width(k, DEFAULT_OVERSAMPLE[engine], m, n)
                     draw = measure(lambda: engines.gaussian_sketch(n, width, 0, dtype, device), device, args.repeats)
                     row["methods"][f"ours:{engine}"]["sketch_draw_seconds"] = draw["seconds"]
             if not args.no_svd_lowrank:

@@ -75,8 +75,8 @@ void check_factor_args(
   if (is_sketch_engine(engine)) {
     TORCH_CHECK(omega.has_value(), "lowrank_merge: svd engine '", engine, "' needs a sketch matrix omega");
     TORCH_CHECK(
-        omega->dim() == 2 && omega->size(0) == A.size(-1),
-        "lowrank_merge: omega must be [n, l] with n = ", A.size(-1), ", got ", omega->sizes());
+        omega->dim() == 2 && omega->size(0) == A.size(-1) && omega->size(1) >= k,
+        "lowrank_merge: omega must be [n, l] with n = ", A.size(-1), " and l >= k = ", k, ", got ", omega->sizes());
     TORCH_CHECK(
         omega->scalar_type() == A.scalar_type() && omega->device() == A.device(),
         "lowrank_merge: omega must have A's dtype and device");

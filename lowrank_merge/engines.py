@@ -33,15 +33,13 @@ ENGINES = ("exact", "randomized", "krylov", "gram")
 SKETCH_ENGINES = ("randomized", "krylov")
 
 
-def sketch_width(engine: str, k: int, oversample: int, m: int, n: int) -> int:
-    """Columns of the Gaussian test matrix an engine needs for rank ``k``.
+def sketch_width(k: int, oversample: int, m: int, n: int) -> int:
+    """Columns ``k + oversample`` of the Gaussian test matrix, never wider than the matrix.
 
-    Block Krylov needs no oversampling (its extra power blocks already widen the
-    space); subspace iteration needs ``k + oversample``. Never wider than the
-    matrix itself.
+    (Block Krylov needs little or no oversampling: its extra power blocks
+    already widen the space; its default ``oversample`` is 0.)
     """
-    width = k if engine == "krylov" else k + oversample
-    return max(1, min(width, m, n))
+    return max(1, min(k + oversample, m, n))
 
 
 def gaussian_sketch(n: int, width: int, seed: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
@@ -112,8 +110,8 @@ def low_rank_factors(
         return exact_svd(A, k)
     if engine == "gram":
         return gram_svd(A, k)
-    if omega is None:
-        raise ValueError(f"svd engine {engine!r} needs a sketch matrix omega")
+    if omega is None or omega.shape[-1] < k:
+        raise ValueError(f"svd engine {engine!r} needs a sketch matrix omega with at least k = {k} columns")
     if engine == "randomized":
         return randomized_svd(A, k, omega, niter)
     if engine == "krylov":

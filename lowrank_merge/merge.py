@@ -76,7 +76,7 @@ class MergeSettings:
         out_dtype: torch.dtype | None = None,
     ) -> "MergeSettings":
         check_merge_parameters(
-            rank_ratio=rank_ratio, rank=rank, scale=scale, svd=svd, niter=niter, oversample=oversample
+            rank_ratio=rank_ratio, rank=rank, scale=scale, svd=svd, niter=niter, oversample=oversample, seed=seed
         )
         if compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(
@@ -116,7 +116,7 @@ def _sketch_for(A: Tensor, k: int, engine: str, oversample: int, seed: int) -> T
     if engine not in SKETCH_ENGINES:
         return None
     m, n = A.shape[-2:]
-    return gaussian_sketch(n, sketch_width(engine, k, oversample, m, n), seed, A.dtype, A.device)
+    return gaussian_sketch(n, sketch_width(k, oversample, m, n), seed, A.dtype, A.device)
 
 
 def _check_stack(stack: Tensor, k: int) -> None:
@@ -132,6 +132,7 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
+@torch.no_grad()
 def cart_layer_parts(
     stack: Tensor,
     k: int,
@@ -153,16 +154,29 @@ def cart_layer_parts(
     return _layer_parts(stack.to(compute_dtype), min(k, *stack.shape[-2:]), settings)
 
 
-def _layer_parts(stack: Tensor, k: int, settings: MergeSettings) -> tuple[Tensor, Tensor | None]:
+def _layer_parts(
+    stack: Tensor, k: int, settings: MergeSettings, name: str | None = None
+) -> tuple[Tensor, Tensor | None]:
     """``(average, delta)``; ``delta`` is None where it is zero by identity."""
     T, m, n = stack.shape
     # With one model, or at full rank, Σ_t τ̄_t = 0 exactly: skip the work.
     if T == 1 or k >= min(m, n):
         return stack.mean(dim=0), None
-    omega = _sketch_for(stack, k, settings.svd, settings.oversample, settings.seed)
-    return _ops.centered_low_rank_sum(stack, k, settings.svd, settings.niter, omega)
+    try:
+        omega = _sketch_for(stack, k, settings.svd, settings.oversample, settings.seed)
+        return _ops.centered_low_rank_sum(stack, k, settings.svd, settings.niter, omega)
+    except torch.OutOfMemoryError as error:
+        if stack.device.type != "cuda":
+            raise
+        layer = f"layer {name!r}" if name is not None else "a layer"
+        raise torch.OutOfMemoryError(
+            f"lowrank_merge: out of GPU memory merging {layer} (T={T} tasks of {m} x {n}, k={k}, "
+            f"svd={settings.svd!r}, {stack.dtype}). Free GPU memory, lower the rank, "
+            f"or merge on the CPU (device='cpu'). {error}"
+        ) from error
 
 
+@torch.no_grad()
 def cart_layer(
     stack: Tensor,
     k: int,
@@ -186,6 +200,7 @@ def cart_layer(
     return combine_parts(average, delta, scale, stack.dtype, stack.device)
 
 
+@torch.no_grad()
 def low_rank_approx(
     A: Tensor,
     k: int,
@@ -243,6 +258,7 @@ def _stack(tensors: Sequence[Tensor], settings: MergeSettings) -> Tensor:
     return stack
 
 
+@torch.no_grad()
 def tensor_parts(
     plan: TensorPlan, tensors: Sequence[Tensor], settings: MergeSettings
 ) -> tuple[Tensor, Tensor | None]:
@@ -256,7 +272,7 @@ def tensor_parts(
     stack = _stack(tensors, settings)
     if plan.action == "average":
         return stack.mean(dim=0), None
-    return _layer_parts(stack, plan.rank, settings)
+    return _layer_parts(stack, plan.rank, settings, plan.name)
 
 
 def output_dtype(plan: TensorPlan, first: Tensor, settings: MergeSettings) -> torch.dtype:
@@ -266,6 +282,7 @@ def output_dtype(plan: TensorPlan, first: Tensor, settings: MergeSettings) -> to
     return settings.out_dtype
 
 
+@torch.no_grad()
 def combine_parts(
     average: Tensor, delta: Tensor | None, scale: float, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
@@ -274,6 +291,7 @@ def combine_parts(
     return merged.to(device=device, dtype=dtype, copy=True)
 
 
+@torch.no_grad()
 def merge_tensor(name: str, tensors: Sequence[Tensor], settings: MergeSettings, labels: Sequence[str]) -> Tensor:
     """Merge the T values of one tensor name (the unit the streamer runs).
 

@@ -44,7 +44,14 @@ def dtype_kind(dtype: torch.dtype) -> str:
 
 
 def check_merge_parameters(
-    *, rank_ratio: float, rank: int | None, scale: float, svd: str, niter: int | None, oversample: int | None
+    *,
+    rank_ratio: float,
+    rank: int | None,
+    scale: float,
+    svd: str,
+    niter: int | None,
+    oversample: int | None,
+    seed: int = 0,
 ) -> None:
     """Raise ``ValueError``/``TypeError`` for a bad hyper-parameter."""
     if isinstance(rank_ratio, bool) or not isinstance(rank_ratio, numbers.Real):
@@ -57,6 +64,8 @@ def check_merge_parameters(
         raise ValueError(f"unknown svd engine {svd!r}; choose one of {SVD_CHOICES}")
     _check_count("niter", niter, minimum=0)
     _check_count("oversample", oversample, minimum=0)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
 
 
 def check_scale(scale: float) -> None:

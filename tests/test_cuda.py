@@ -94,7 +94,7 @@ def sketch(engine: str, k: int, m: int, n: int, dtype: torch.dtype, device, seed
     if engine not in SKETCH_ENGINES:
         return None
     oversample = lm.merge.DEFAULT_OVERSAMPLE[engine]
-    return engines.gaussian_sketch(n, engines.sketch_width(engine, k, oversample, m, n), seed, dtype, device)
+    return engines.gaussian_sketch(n, engines.sketch_width(k, oversample, m, n), seed, dtype, device)
 
 
 def orthogonality_error(Q: torch.Tensor) -> float:

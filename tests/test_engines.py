@@ -1,0 +1,207 @@
+"""The top-k SVD engines through the public ``low_rank_approx``: near-optimal
+residuals on hard spectra, factor structure, batches, clipping, odd symmetry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lowrank_merge as lm
+
+FAST_ENGINES = ["randomized", "krylov", "gram", "auto"]
+ALL_ENGINES = ["exact", *FAST_ENGINES]
+
+
+def _orthonormal(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64)).Q
+
+
+def _with_spectrum(m: int, n: int, singular_values: torch.Tensor, seed: int) -> torch.Tensor:
+    """U diag(σ) Vᵀ in float64 with random orthonormal U [m, r], V [n, r]."""
+    g = torch.Generator().manual_seed(seed)
+    r = singular_values.numel()
+    return (_orthonormal(m, r, g) * singular_values) @ _orthonormal(n, r, g).T
+
+
+def _reconstruct(U, S, Vh):
+    return (U * S.unsqueeze(-2)) @ Vh
+
+
+# ---------------------------------------------------------------------------
+# Near-optimality on a slowly decaying spectrum
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_decay_tall():
+    """3072 x 768, σ_i ∝ i^-0.6: no spectral gap anywhere (σ_61 / σ_62 ≈ 1.01)."""
+    n = 768
+    sigma = torch.arange(1, n + 1, dtype=torch.float64) ** -0.6
+    return _with_spectrum(3072, n, sigma, seed=0), sigma
+
+
+@pytest.fixture(scope="module")
+def slow_decay_square():
+    n = 768
+    sigma = torch.arange(1, n + 1, dtype=torch.float64) ** -0.6
+    return _with_spectrum(n, n, sigma, seed=1), sigma
+
+
+def _optimal_residual(A32: torch.Tensor, k: int) -> float:
+    """‖A − A_k‖_F from a dense float64 SVD of the float32 matrix actually decomposed.
+
+    (A = QR with R square; A and R have the same singular values, and the dense
+    SVD of the 768 x 768 R is 30x cheaper than that of a 3072 x 768 A.)
+    """
+    A = A32.to(torch.float64)
+    if A.shape[0] < A.shape[1]:
+        A = A.T
+    S = torch.linalg.svdvals(torch.linalg.qr(A).R)
+    return S[k:].norm().item()
+
+
+@pytest.mark.parametrize("shape", ["768x768", "3072x768", "768x3072"])
+@pytest.mark.parametrize("svd", FAST_ENGINES)
+def test_residual_within_two_percent_of_optimal(svd, shape, slow_decay_tall, slow_decay_square):
+    if shape == "768x768":
+        A64, sigma = slow_decay_square
+    elif shape == "3072x768":
+        A64, sigma = slow_decay_tall
+    else:
+        A64, sigma = slow_decay_tall[0].T, slow_decay_tall[1]
+    A = A64.to(torch.float32).contiguous()
+    k = math.floor(0.08 * 768)
+    assert k == 61
+    optimal = _optimal_residual(A, k)
+    # The dense SVD sees the spectrum the matrix was built with.
+    assert optimal == pytest.approx(sigma[k:].norm().item(), rel=1e-6)
+    U, S, Vh = lm.low_rank_approx(A, k, svd=svd)  # default niter / oversample, float32
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    assert U.shape == (A.shape[0], k) and S.shape == (k,) and Vh.shape == (k, A.shape[1])
+    residual = (A.to(torch.float64) - _reconstruct(U, S, Vh).to(torch.float64)).norm().item()
+    # The residual, not the factors: with no gap, near-optimal factors need not be close.
+    assert residual <= 1.02 * optimal, f"{svd}: residual / optimal = {residual / optimal:.4f}"
+    assert residual >= optimal * (1 - 1e-5)  # no rank-k matrix beats the optimum (sanity)
+
+
+def test_residual_check_is_sharp(slow_decay_square):
+    """The 2 % bound above can fail: one subspace iteration without oversampling misses it."""
+    A = slow_decay_square[0].to(torch.float32)
+    k = 61
+    U, S, Vh = lm.low_rank_approx(A, k, svd="randomized", niter=0, oversample=0)
+    residual = (A.double() - _reconstruct(U, S, Vh).double()).norm().item()
+    assert residual > 1.02 * _optimal_residual(A, k)
+
+
+# ---------------------------------------------------------------------------
+# Factors on a matrix with a clear gap
+# ---------------------------------------------------------------------------
+
+TOP = torch.tensor([10.0, 7.0, 5.0, 3.5, 2.0], dtype=torch.float64)
+
+
+def _gapped(m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Five well-separated singular values, then a tail below 1e-2."""
+    r = min(m, n)
+    tail = 1e-2 * torch.linspace(1.0, 0.1, r - TOP.numel(), dtype=torch.float64)
+    return _with_spectrum(m, n, torch.cat([TOP, tail]), seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(60, 40), (40, 60), (50, 50)])
+@pytest.mark.parametrize("svd", ALL_ENGINES)
+def test_factors_on_gapped_matrix(svd, shape, dtype):
+    m, n = shape
+    A64 = _gapped(m, n)
+    A = A64.to(dtype)
+    k = TOP.numel()
+    U, S, Vh = lm.low_rank_approx(A, k, svd=svd)
+    assert U.shape == (m, k) and S.shape == (k,) and Vh.shape == (k, n)
+    assert U.dtype == S.dtype == Vh.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    eye = torch.eye(k, dtype=torch.float64)
+    assert torch.allclose(U.double().T @ U.double(), eye, atol=100 * eps)
+    assert torch.allclose(Vh.double() @ Vh.double().T, eye, atol=100 * eps)
+    assert bool((S[:-1] >= S[1:]).all()), S  # descending
+    assert bool((S > 0).all())
+    # The tail (‖tail‖ ~ 0.05) bounds how far the top singular values can move.
+    assert torch.allclose(S.double(), TOP, rtol=0, atol=1e-3), S
+    # With gaps, the singular subspaces are determined: compare the projectors.
+    U_true, _, Vh_true = torch.linalg.svd(A64, full_matrices=False)
+    P, P_true = U.double() @ U.double().T, U_true[:, :k] @ U_true[:, :k].T
+    assert (P - P_true).norm() <= 1e-2
+    Q, Q_true = Vh.double().T @ Vh.double(), Vh_true[:k].T @ Vh_true[:k]
+    assert (Q - Q_true).norm() <= 1e-2
+
+
+@pytest.mark.parametrize("svd", ALL_ENGINES)
+def test_batch_dimensions(svd):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 3, 20, 14, generator=g)
+    k = 4
+    U, S, Vh = lm.low_rank_approx(A, k, svd=svd, seed=5)
+    assert U.shape == (2, 3, 20, k) and S.shape == (2, 3, k) and Vh.shape == (2, 3, k, 14)
+    # Each matrix of the batch gets what it would get alone (all share one sketch).
+    for i in range(2):
+        for j in range(3):
+            u, s, vh = lm.low_rank_approx(A[i, j], k, svd=svd, seed=5)
+            batched = _reconstruct(U[i, j], S[i, j], Vh[i, j])
+            single = _reconstruct(u, s, vh)
+            assert (batched - single).norm() <= 1e-5 * single.norm(), (i, j)
+            assert torch.allclose(S[i, j], s, rtol=1e-5)
+
+
+@pytest.mark.parametrize("svd", ALL_ENGINES)
+@pytest.mark.parametrize("shape, k", [((5, 3), 10), ((3, 5), 3), ((1, 7), 4), ((7, 1), 2)])
+def test_k_is_clipped_to_min_dimension(svd, shape, k):
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(*shape, generator=g, dtype=torch.float64)
+    U, S, Vh = lm.low_rank_approx(A, k, svd=svd)
+    r = min(shape)
+    assert U.shape == (shape[0], r) and S.shape == (r,) and Vh.shape == (r, shape[1])
+    # Full rank: the factors reproduce A.
+    assert torch.allclose(_reconstruct(U, S, Vh), A, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("svd", ALL_ENGINES)
+def test_odd_symmetry(svd, dtype):
+    """f(−A) = −f(A) for the reconstruction, also for an approximate engine."""
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(3, 40, 30, generator=g, dtype=dtype)  # flat spectrum: the sketch matters
+    k = 3
+    plus = _reconstruct(*lm.low_rank_approx(A, k, svd=svd, seed=7))
+    minus = _reconstruct(*lm.low_rank_approx(-A, k, svd=svd, seed=7))
+    eps = torch.finfo(dtype).eps
+    assert (plus + minus).norm() <= 1e3 * eps * plus.norm()
+    # ... which is not trivial: the result is a nonzero rank-k matrix (and, for the sketch
+    # engines, a different seed gives another one).
+    assert plus.norm() > 0.1 * A.norm() / math.sqrt(10)
+    if svd in ("randomized", "krylov", "auto"):
+        other = _reconstruct(*lm.low_rank_approx(A, k, svd=svd, seed=8))
+        assert (other - plus).norm() > 1e3 * eps * plus.norm()
+
+
+def test_auto_is_randomized():
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(30, 20, generator=g)
+    auto = lm.low_rank_approx(A, 3, svd="auto", seed=1)
+    randomized = lm.low_rank_approx(A, 3, svd="randomized", seed=1)
+    for a, b in zip(auto, randomized):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("svd", ["randomized", "krylov"])
+def test_more_iterations_do_not_hurt(svd):
+    """On the flat spectrum of a Gaussian matrix, niter = 4 is at least as good as niter = 0."""
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(80, 60, generator=g, dtype=torch.float64)
+    k = 5
+    optimal = torch.linalg.svdvals(A)[k:].norm()
+    residuals = [
+        (A - _reconstruct(*lm.low_rank_approx(A, k, svd=svd, niter=niter))).norm() / optimal for niter in (0, 4)
+    ]
+    assert residuals[1] <= residuals[0]
+    assert residuals[1] <= 1.05

@@ -1,0 +1,174 @@
+"""The C++ ops (``torch.ops.lowrank_merge.*``) against their pure-torch twins
+in ``lowrank_merge.engines``, ``opcheck``, argument errors, and the merge with
+and without the extension."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowrank_merge as lm
+import lowrank_merge._ops as ops
+from lowrank_merge import engines
+
+from conftest import make_models, relative_error
+
+requires_extension = pytest.mark.skipif(
+    not lm.extension_available(),
+    reason="the compiled lowrank_merge._C extension is not built or failed to load "
+    "(pip install --no-build-isolation -e . builds it); the pure-torch path is tested elsewhere",
+)
+pytestmark = requires_extension
+
+ENGINES = ["exact", "randomized", "krylov", "gram"]
+SHAPES = [(3, 24, 16), (2, 16, 24), (4, 20, 20), (2, 1, 9)]
+
+
+def _omega(engine, k, m, n, dtype, oversample=5, seed=0):
+    if engine not in engines.SKETCH_ENGINES:
+        return None
+    return engines.gaussian_sketch(n, engines.sketch_width(k, oversample, m, n), seed, dtype, "cpu")
+
+
+def _stack(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T, m, n = shape
+    base = torch.randn(m, n, generator=g, dtype=torch.float64)
+    return torch.stack([base + 0.1 * torch.randn(m, n, generator=g, dtype=torch.float64) for _ in range(T)]).to(dtype)
+
+
+def _tolerance(dtype):
+    # Same algorithm, same LAPACK calls; only reductions (the C++ centering sums the T values in
+    # another order than torch.mean) may round differently, and the truncated SVD amplifies that
+    # by ‖A‖ / gap (~10-100 on these random matrices): 1e3 eps.
+    return 1e3 * torch.finfo(dtype).eps
+
+
+def test_ops_are_registered():
+    assert hasattr(torch.ops.lowrank_merge, "low_rank_factors")
+    assert hasattr(torch.ops.lowrank_merge, "centered_low_rank_sum")
+    assert ops.has_kernel("cpu")
+    assert not ops.has_kernel("meta")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_low_rank_factors_match_twin(engine, shape, dtype):
+    A = _stack(shape, dtype) - _stack(shape, dtype).mean(0)
+    m, n = shape[1:]
+    for k in sorted({1, min(m, n) // 2 or 1, min(m, n)}):
+        omega = _omega(engine, k, m, n, dtype)
+        cpp = torch.ops.lowrank_merge.low_rank_factors(A, k, engine, 2, omega)
+        twin = engines.low_rank_factors(A, k, engine, 2, omega)
+        for a, b in zip(cpp, twin):
+            assert a.shape == b.shape and a.dtype == b.dtype == dtype
+        assert relative_error(cpp[1], twin[1]) <= _tolerance(dtype), (engine, k)
+        rec_cpp = (cpp[0] * cpp[1].unsqueeze(-2)) @ cpp[2]
+        rec_twin = (twin[0] * twin[1].unsqueeze(-2)) @ twin[2]
+        assert relative_error(rec_cpp, rec_twin) <= _tolerance(dtype), (engine, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_centered_low_rank_sum_matches_twin(engine, shape, dtype):
+    stack = _stack(shape, dtype, seed=1)
+    m, n = shape[1:]
+    k = max(1, min(m, n) // 3)
+    omega = _omega(engine, k, m, n, dtype, seed=3)
+    avg_cpp, delta_cpp = torch.ops.lowrank_merge.centered_low_rank_sum(stack, k, engine, 2, omega)
+    avg_twin, delta_twin = engines.centered_low_rank_sum(stack, k, engine, 2, omega)
+    assert avg_cpp.shape == delta_cpp.shape == (m, n)
+    assert avg_cpp.dtype == delta_cpp.dtype == dtype
+    assert relative_error(avg_cpp, avg_twin) <= 4 * torch.finfo(dtype).eps
+    assert relative_error(avg_cpp, stack.double().mean(0)) <= 4 * torch.finfo(dtype).eps
+    assert relative_error(delta_cpp, delta_twin) <= _tolerance(dtype), engine
+
+
+def test_centered_low_rank_sum_accepts_non_contiguous_stack():
+    stack = _stack((3, 16, 12), torch.float32).transpose(1, 2)  # [3, 12, 16], not contiguous
+    assert not stack.is_contiguous()
+    omega = _omega("randomized", 3, 12, 16, torch.float32)
+    avg, delta = torch.ops.lowrank_merge.centered_low_rank_sum(stack, 3, "randomized", 2, omega)
+    avg_twin, delta_twin = engines.centered_low_rank_sum(stack.contiguous(), 3, "randomized", 2, omega)
+    assert relative_error(avg, avg_twin) <= 1e-6
+    assert relative_error(delta, delta_twin) <= _tolerance(torch.float32)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_opcheck_low_rank_factors(engine):
+    for shape, k in [((12, 8), 3), ((8, 12), 2), ((2, 3, 10, 7), 4)]:
+        A = torch.randn(*shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+        omega = _omega(engine, k, *shape[-2:], torch.float64)
+        torch.library.opcheck(torch.ops.lowrank_merge.low_rank_factors.default, (A, k, engine, 2, omega))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_opcheck_centered_low_rank_sum(engine):
+    for shape, k in [((3, 12, 8), 3), ((2, 8, 12), 1)]:
+        stack = _stack(shape, torch.float32)
+        omega = _omega(engine, k, *shape[-2:], torch.float32)
+        torch.library.opcheck(torch.ops.lowrank_merge.centered_low_rank_sum.default, (stack, k, engine, 1, omega))
+
+
+A_OK = torch.zeros(3, 6, 4)
+OMEGA_OK = torch.zeros(4, 3)
+
+
+@pytest.mark.parametrize(
+    "op, args, match",
+    [
+        ("low_rank_factors", (torch.zeros(5), 1, "exact", 2, None), "dims"),
+        ("centered_low_rank_sum", (torch.zeros(6, 4), 1, "exact", 2, None), r"\[T, m, n\]"),
+        ("centered_low_rank_sum", (torch.zeros(2, 3, 6, 4), 1, "exact", 2, None), r"\[T, m, n\]"),
+        ("centered_low_rank_sum", (A_OK, 0, "exact", 2, None), r"k must be in \[1, min\(m, n\)\]"),
+        ("centered_low_rank_sum", (A_OK, 5, "exact", 2, None), r"k must be in \[1, min\(m, n\)\]"),
+        ("low_rank_factors", (A_OK, -1, "gram", 2, None), r"k must be in \[1, min\(m, n\)\]"),
+        ("low_rank_factors", (A_OK, 2, "svd", 2, None), "unknown svd engine 'svd'"),
+        ("centered_low_rank_sum", (A_OK, 2, "auto", 2, None), "unknown svd engine 'auto'"),
+        ("centered_low_rank_sum", (A_OK, 2, "randomized", 2, None), "needs a sketch matrix omega"),
+        ("low_rank_factors", (A_OK, 2, "krylov", 2, None), "needs a sketch matrix omega"),
+        ("low_rank_factors", (A_OK, 2, "randomized", 2, torch.zeros(6, 3)), "omega must be"),
+        ("low_rank_factors", (A_OK, 2, "randomized", 2, OMEGA_OK.double()), "dtype"),
+        ("low_rank_factors", (A_OK.int(), 2, "exact", 2, None), "float32 or float64"),
+        ("centered_low_rank_sum", (A_OK.half(), 2, "exact", 2, None), "float32 or float64"),
+        ("low_rank_factors", (A_OK, 2, "randomized", -1, OMEGA_OK), "niter"),
+    ],
+)
+def test_cpp_op_rejects_bad_arguments(op, args, match):
+    with pytest.raises(RuntimeError, match=match):
+        getattr(torch.ops.lowrank_merge, op)(*args)
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized", "krylov", "gram"])
+def test_merge_same_with_and_without_extension(svd, monkeypatch):
+    models = make_models(3, 24, seed=0)
+    calls = []
+    twin = engines.centered_low_rank_sum
+
+    def counting_twin(*args):
+        calls.append(args[2])
+        return twin(*args)
+
+    monkeypatch.setattr(engines, "centered_low_rank_sum", counting_twin)
+    with_extension = lm.cart_merge(models, rank_ratio=0.25, svd=svd, seed=2)
+    assert calls == []  # the C++ op ran
+    monkeypatch.setattr(ops, "has_kernel", lambda device_type: False)
+    fallback = lm.cart_merge(models, rank_ratio=0.25, svd=svd, seed=2)
+    assert calls and set(calls) == {svd}  # the pure-torch twin ran
+    for name, tensor in with_extension.items():
+        assert fallback[name].dtype == tensor.dtype
+        if tensor.dtype.is_floating_point:
+            assert relative_error(fallback[name], tensor) <= 1e-5, name  # float32 rounding
+        else:
+            assert torch.equal(fallback[name], tensor)
+
+
+def test_low_rank_approx_same_with_and_without_extension(monkeypatch):
+    A = torch.randn(3, 30, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with_extension = lm.low_rank_approx(A, 4, svd="krylov")
+    monkeypatch.setattr(ops, "has_kernel", lambda device_type: False)
+    fallback = lm.low_rank_approx(A, 4, svd="krylov")
+    rec = [(U * S.unsqueeze(-2)) @ Vh for U, S, Vh in (with_extension, fallback)]
+    assert relative_error(rec[0], rec[1]) <= 1e-12
