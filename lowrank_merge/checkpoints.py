@@ -1,0 +1,801 @@
+"""Checkpoints on disk, one tensor at a time.
+
+Reading: :func:`open_checkpoint` turns a path into a :class:`CheckpointReader`
+whose :meth:`~CheckpointReader.metas` come from file headers only (no weight is
+read) and whose :meth:`~CheckpointReader.read` returns one tensor. Understood
+layouts:
+
+* Hugging Face folders: ``model.safetensors``, sharded
+  ``model-0000k-of-0000N.safetensors`` with ``model.safetensors.index.json``,
+  and (fallback) ``pytorch_model.bin`` or its sharded ``.bin`` index;
+* single ``.safetensors`` files and ``.pt``/``.pth``/``.bin`` state dicts
+  (``torch.load(weights_only=True, mmap=True)``).
+
+Safetensors files are opened with ``safetensors.safe_open`` for each read and
+closed right after, so the pages of a tensor stay mapped only while the tensor
+lives: resident memory never grows with the model's size.
+
+Writing: :class:`ShardedWriter` streams the merged tensors straight into
+safetensors shards whose layout (and so headers) is planned up front from the
+tensor shapes, inside a hidden temporary folder next to the target, and renames
+it into place only when everything is written. Nothing is buffered beyond the
+tensor being written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .validation import TensorMeta
+
+#: Default ``--max-shard-size``: 5 GB, as in ``transformers``.
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+TORCH_SINGLE = "pytorch_model.bin"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+#: Files never copied from the first model's folder: weights in any format.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot", ".pkl", ".npz")
+#: Non-weight files larger than this are not copied (they are not "small").
+MAX_COPIED_FILE_SIZE = 100 * 2**20
+#: Also not copied: the first model's card describes that model, not the merge.
+SKIPPED_FILES = ("README.md", "merge_config.yaml")
+
+_TMP_TAG = ".lowrank-merge-tmp-"
+_OLD_TAG = ".lowrank-merge-old-"
+_PARTIAL_MARKER = ".lowrank-merge-partial"
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    name: dtype
+    for name, dtype in {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U64": getattr(torch, "uint64", None),
+        "U32": getattr(torch, "uint32", None),
+        "U16": getattr(torch, "uint16", None),
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "C64": torch.complex64,
+    }.items()
+    if dtype is not None
+}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or the output cannot be written; the
+    message names the model (or output) and, where there is one, the tensor."""
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def tensor_nbytes(meta: TensorMeta) -> int:
+    return math.prod(meta.shape) * _element_size(meta.dtype)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+
+
+class CheckpointReader:
+    """One model on disk: tensor metadata from headers, tensors on demand."""
+
+    label: str
+    #: The model's folder when it was given as one (its config and tokenizer
+    #: files are copied to the output), else None.
+    source_dir: Path | None
+    files: tuple[Path, ...]
+
+    def __init__(self, label: str, source_dir: Path | None, files: Sequence[Path]) -> None:
+        self.label = label
+        self.source_dir = source_dir
+        self.files = tuple(files)
+        self._metas: dict[str, TensorMeta] = {}
+        self._locations: dict[str, Path] = {}
+
+    def metas(self) -> dict[str, TensorMeta]:
+        """Name -> shape and dtype, in the order the tensors lie on disk."""
+        return dict(self._metas)
+
+    def names(self) -> list[str]:
+        return list(self._metas)
+
+    def nbytes(self, name: str) -> int:
+        return tensor_nbytes(self._metas[name])
+
+    def total_bytes(self) -> int:
+        return sum(tensor_nbytes(meta) for meta in self._metas.values())
+
+    def read(self, name: str) -> Tensor:
+        """The tensor ``name`` on the CPU (may be backed by a private memory map)."""
+        if name not in self._locations:
+            raise CheckpointError(f"{self.label}: no tensor {name!r}")
+        file = self._locations[name]
+        try:
+            tensor = self._read(file, name)
+        except CheckpointError:
+            raise
+        except Exception as error:
+            raise CheckpointError(f"{self.label}: cannot read tensor {name!r} from {file}: {_one_line(error)}") from error
+        meta = self._metas[name]
+        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+            raise CheckpointError(
+                f"{self.label}: tensor {name!r} in {file} changed on disk since it was checked "
+                f"(now {tensor.dtype} {list(tensor.shape)}, was {meta.dtype} {list(meta.shape)})"
+            )
+        return tensor
+
+    def _read(self, file: Path, name: str) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _add(self, name: str, meta: TensorMeta, file: Path) -> None:
+        if name in self._metas:
+            raise CheckpointError(f"{self.label}: tensor {name!r} appears in both {self._locations[name]} and {file}")
+        self._metas[name] = meta
+        self._locations[name] = file
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.label!r}, {len(self._metas)} tensors in {len(self.files)} file(s))"
+
+
+class SafetensorsReader(CheckpointReader):
+    """``.safetensors`` files, read with ``safe_open`` one tensor at a time."""
+
+    def __init__(
+        self, label: str, files: Sequence[Path], source_dir: Path | None = None, index: Mapping[str, Path] | None = None
+    ) -> None:
+        super().__init__(label, source_dir, files)
+        wanted: dict[Path, set[str]] | None = None
+        if index is not None:
+            wanted = {}
+            for name, file in index.items():
+                wanted.setdefault(file, set()).add(name)
+        for file in self.files:
+            names, metas = self._header(file)
+            if wanted is not None:
+                missing = sorted(wanted.get(file, set()) - set(names))
+                if missing:
+                    raise CheckpointError(
+                        f"{label}: tensor {missing[0]!r} is listed in the index under {file.name} "
+                        f"but that file does not contain it" + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    )
+                names = [name for name in names if name in wanted.get(file, ())]
+            for name in names:
+                self._add(name, metas[name], file)
+
+    def _header(self, file: Path) -> tuple[list[str], dict[str, TensorMeta]]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                keys = getattr(handle, "offset_keys", handle.keys)()
+                metas = {}
+                for name in keys:
+                    tensor_slice = handle.get_slice(name)
+                    dtype_name = tensor_slice.get_dtype()
+                    if dtype_name not in _SAFETENSORS_DTYPES:
+                        raise CheckpointError(
+                            f"{self.label}: tensor {name!r} in {file} has dtype {dtype_name}, which torch cannot hold"
+                        )
+                    metas[name] = TensorMeta(tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES[dtype_name])
+        except CheckpointError:
+            raise
+        except OSError as error:
+            raise CheckpointError(f"{self.label}: cannot read {file}: {error.strerror or _one_line(error)}") from error
+        except Exception as error:
+            raise CheckpointError(
+                f"{self.label}: {file} is not a valid safetensors file ({_one_line(error)})"
+            ) from error
+        return list(keys), metas
+
+    def _read(self, file: Path, name: str) -> Tensor:
+        from safetensors import safe_open
+
+        # Opened per read: the file's mapping lives only as long as the tensor,
+        # so pages read earlier never pile up in the resident set.
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
+
+
+class TorchReader(CheckpointReader):
+    """``torch.save`` state dicts (``.pt``, ``.pth``, ``.bin``), ``weights_only=True``.
+
+    Zip-format files are memory-mapped and re-mapped after every
+    ``window_factor`` x (largest tensor) bytes read, so the pages read stay
+    bounded; legacy (non-zip) files cannot be mapped and are held in memory.
+    """
+
+    window_factor = 4
+
+    def __init__(
+        self, label: str, files: Sequence[Path], source_dir: Path | None = None, index: Mapping[str, Path] | None = None
+    ) -> None:
+        super().__init__(label, source_dir, files)
+        self._mappable: dict[Path, bool] = {}
+        self._held: dict[Path, Mapping[str, Tensor]] = {}  # legacy files, loaded whole
+        self._current: tuple[Path, Mapping[str, Tensor]] | None = None
+        self._read_since_load = 0
+        for file in self.files:
+            state = self._load(file, first=True)
+            names = list(state)
+            if index is not None:
+                listed = {name for name, where in index.items() if where == file}
+                missing = sorted(listed - set(names))
+                if missing:
+                    raise CheckpointError(
+                        f"{label}: tensor {missing[0]!r} is listed in the index under {file.name} "
+                        "but that file does not contain it"
+                    )
+                names = [name for name in names if name in listed]
+            for name in names:
+                self._add(name, TensorMeta.of(state[name]), file)
+            if self._mappable[file]:
+                del state
+            else:
+                self._held[file] = state
+        sizes = [tensor_nbytes(meta) for meta in self._metas.values()]
+        self._window = self.window_factor * max(sizes, default=0)
+
+    def _load(self, file: Path, first: bool = False) -> Mapping[str, Tensor]:
+        try:
+            if self._mappable.get(file, True):
+                try:
+                    obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+                    self._mappable[file] = True
+                except RuntimeError as error:
+                    if "mmap" not in str(error) or not first:
+                        raise
+                    self._mappable[file] = False  # legacy format: no memory map
+            if not self._mappable[file]:
+                obj = torch.load(str(file), map_location="cpu", weights_only=True)
+        except OSError as error:
+            raise CheckpointError(f"{self.label}: cannot read {file}: {error.strerror or _one_line(error)}") from error
+        except Exception as error:
+            message = _one_line(error)
+            if "weights_only" in message or "Unsupported global" in message:
+                raise CheckpointError(
+                    f"{self.label}: {file} holds Python objects that torch.load(weights_only=True) refuses to "
+                    "unpickle; save a plain state dict (or convert it to safetensors)"
+                ) from error
+            raise CheckpointError(f"{self.label}: {file} is not a readable torch checkpoint ({message})") from error
+        return self._state_dict(obj, file)
+
+    def _state_dict(self, obj: object, file: Path) -> Mapping[str, Tensor]:
+        if isinstance(obj, Mapping) and not all(isinstance(value, Tensor) for value in obj.values()):
+            for key in ("state_dict", "model"):
+                inner = obj.get(key)
+                if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+                    obj = inner
+                    break
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{self.label}: {file} holds a {type(obj).__name__}, not a state dict (name -> tensor)")
+        for name, value in obj.items():
+            if not isinstance(name, str):
+                raise CheckpointError(f"{self.label}: {file} has a non-string key {name!r}")
+            if not isinstance(value, Tensor):
+                raise CheckpointError(
+                    f"{self.label}: value of {name!r} in {file} is a {type(value).__name__}, not a tensor"
+                )
+        return obj
+
+    def _read(self, file: Path, name: str) -> Tensor:
+        if file in self._held:
+            return self._held[file][name]
+        if self._current is None or self._current[0] != file or self._read_since_load > self._window:
+            self._current = None  # drop the old mapping before making a new one
+            self._current = (file, self._load(file))
+            self._read_since_load = 0
+        self._read_since_load += self.nbytes(name)
+        return self._current[1][name]
+
+
+def _read_index(index_path: Path, label: str) -> dict[str, Path]:
+    try:
+        data = json.loads(index_path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise CheckpointError(f"{label}: cannot read {index_path}: {error.strerror or _one_line(error)}") from error
+    except ValueError as error:
+        raise CheckpointError(f"{label}: {index_path} is not valid JSON ({_one_line(error)})") from error
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{label}: {index_path} has no \"weight_map\" of tensor name -> file name")
+    folder = index_path.parent
+    index = {name: folder / file for name, file in weight_map.items()}
+    by_file: dict[Path, list[str]] = {}
+    for name, file in index.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in sorted(by_file.items()):
+        if not file.is_file():
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise CheckpointError(
+                f"{label}: shard {file.name} listed in {index_path.name} is missing "
+                f"(it holds tensor {sorted(names)[0]!r}{more})"
+            )
+    return index
+
+
+def _reader_for_index(index_path: Path, label: str, source_dir: Path | None) -> CheckpointReader:
+    index = _read_index(index_path, label)
+    files = sorted(set(index.values()))
+    if all(file.name.endswith(".safetensors") for file in files):
+        return SafetensorsReader(label, files, source_dir, index)
+    if all(file.suffix in TORCH_SUFFIXES for file in files):
+        return TorchReader(label, files, source_dir, index)
+    raise CheckpointError(f"{label}: {index_path.name} lists shards of unknown or mixed formats")
+
+
+def _find_in_folder(folder: Path, label: str) -> CheckpointReader:
+    for index_name, single_name in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (TORCH_INDEX, TORCH_SINGLE)):
+        if (folder / index_name).is_file():
+            return _reader_for_index(folder / index_name, label, folder)
+        if (folder / single_name).is_file():
+            return _reader_for_file(folder / single_name, label, folder)
+        suffix = Path(single_name).suffix
+        indexes = sorted(folder.glob(f"*{suffix}.index.json"))
+        if len(indexes) == 1:
+            return _reader_for_index(indexes[0], label, folder)
+        singles = sorted(p for p in folder.glob(f"*{suffix}") if p.is_file())
+        if len(singles) == 1 and not indexes:
+            return _reader_for_file(singles[0], label, folder)
+        if len(singles) > 1 or len(indexes) > 1:
+            shown = ", ".join(p.name for p in (indexes or singles)[:4])
+            raise CheckpointError(
+                f"{label}: several {suffix} weight files and no {index_name} in {folder} ({shown}); "
+                "pass the file or index to use"
+            )
+    others = sorted(p for p in folder.iterdir() if p.suffix in (".pt", ".pth") and p.is_file())
+    if len(others) == 1:
+        return _reader_for_file(others[0], label, folder)
+    raise CheckpointError(
+        f"{label}: no model weights in {folder} (looked for {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+        f"{TORCH_SINGLE}, {TORCH_INDEX} or a single .safetensors/.bin/.pt file)"
+    )
+
+
+def _reader_for_file(file: Path, label: str, source_dir: Path | None) -> CheckpointReader:
+    if file.name.endswith(".index.json"):
+        return _reader_for_index(file, label, source_dir)
+    if file.suffix == ".safetensors":
+        return SafetensorsReader(label, [file], source_dir)
+    if file.suffix in TORCH_SUFFIXES:
+        return TorchReader(label, [file], source_dir)
+    raise CheckpointError(
+        f"{label}: {file} is neither a .safetensors file, a .pt/.pth/.bin state dict nor a *.index.json"
+    )
+
+
+def open_checkpoint(path: str | os.PathLike[str], label: str | None = None) -> CheckpointReader:
+    """A reader for a model folder, a weights file or a shard index.
+
+    Opens every file and reads every header (never the weights), so a missing
+    shard, a truncated file or an unreadable path fails here, naming ``label``
+    (default: the path as given).
+    """
+    path = Path(path)
+    label = str(path) if label is None else label
+    if not path.exists():
+        hint = ""
+        if not path.is_absolute() and len(path.parts) == 2 and not str(path).startswith("."):
+            hint = " (models are read from local folders; download Hub models first, e.g. with `huggingface-cli download`)"
+        raise CheckpointError(f"{label}: no such file or folder{hint}")
+    if path.is_dir():
+        try:
+            return _find_in_folder(path, label)
+        except PermissionError as error:
+            raise CheckpointError(f"{label}: cannot list {path}: {error.strerror}") from error
+    return _reader_for_file(path, label, None)
+
+
+# ---------------------------------------------------------------------------
+# Sizes
+# ---------------------------------------------------------------------------
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of ``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"1.5GB"`` or a plain integer.
+
+    KB/MB/GB are powers of 10 (as in ``transformers``), KiB/MiB/GiB powers of 2.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
+        unit = match.group(2).upper() if match else None
+        if not match or unit not in _SIZE_UNITS:
+            raise ValueError(f"cannot read size {text!r}; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
+        value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return value
+
+
+def format_size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor: its name, shape and dtype, known before it exists."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _element_size(self.dtype)
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Split ``specs`` (in order) into shards of at most ``max_shard_size``
+    bytes of tensor data; a larger tensor gets a shard of its own."""
+    shards: list[list[TensorSpec]] = []
+    size = 0
+    for spec in specs:
+        if not shards or (shards[-1] and size + spec.nbytes > max_shard_size):
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards or [[]]
+
+
+def safetensors_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The header (length prefix included) of a safetensors file holding
+    ``specs`` back to back in this order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(key): str(value) for key, value in metadata.items()}
+    offset = 0
+    for spec in specs:
+        if spec.dtype not in _SAFETENSORS_NAMES:
+            raise CheckpointError(f"tensor {spec.name!r}: dtype {spec.dtype} cannot be stored in safetensors")
+        header[spec.name] = {
+            "dtype": _SAFETENSORS_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # align the data on 8 bytes, as safetensors does
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def _tensor_bytes(tensor: Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SAFETENSORS_SINGLE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove temporary outputs for ``target`` left by killed merges.
+
+    Only entries named ``.<target>.lowrank-merge-tmp-<pid>-*`` whose process is
+    gone are removed (folders only if they carry the partial-output marker).
+    """
+    removed = []
+    parent = target.parent
+    prefix = f".{target.name}{_TMP_TAG}"
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        pid_text = entry[len(prefix) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        path = parent / entry
+        if path.is_dir() and not path.is_symlink():
+            if (path / _PARTIAL_MARKER).is_file():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        elif path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def check_output_target(target: Path, *, force: bool, inputs: Iterable[Path] = ()) -> None:
+    """Fail early (before reading any model) on an output that exists without
+    ``force``, that is one of the inputs, or whose parent is not a writable folder."""
+    resolved = target.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if resolved == source or resolved in source.parents:
+            raise CheckpointError(f"output {target} is (or contains) the input {source}; choose another --out")
+    if target.exists() or target.is_symlink():
+        if not force:
+            raise CheckpointError(f"output {target} already exists; pass --force to replace it")
+        if not (target.is_dir() or target.is_file()) or target.is_symlink():
+            raise CheckpointError(f"output {target} exists and is not a plain file or folder; remove it first")
+    parent = target.parent
+    if not parent.exists():
+        raise CheckpointError(f"cannot write {target}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot write {target}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {target}: folder {parent} is not writable")
+
+
+class ShardedWriter:
+    """Write planned tensors into safetensors shards, atomically.
+
+    ``target`` ending in ``.safetensors`` gives one file; anything else gives a
+    Hugging Face folder (``model.safetensors``, or ``model-0000k-of-0000N``
+    shards with ``model.safetensors.index.json``) plus :meth:`add_file` extras.
+    Use as a context manager: leaving it with an exception (or before
+    :meth:`commit`) removes everything written.
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike[str],
+        specs: Sequence[TensorSpec],
+        *,
+        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+        metadata: Mapping[str, str] | None = None,
+        force: bool = False,
+    ) -> None:
+        self.target = Path(target)
+        self.single_file = self.target.suffix == ".safetensors"
+        self.force = force
+        self.metadata = dict(metadata or {})
+        self.shards = [list(specs)] if self.single_file else plan_shards(specs, max_shard_size)
+        names = [self.target.name] if self.single_file else shard_names(len(self.shards))
+        self.shard_names = names
+        self._order = [(i, spec) for i, shard in enumerate(self.shards) for spec in shard]
+        self._position = 0
+        self._extra: dict[str, bytes | Path] = {}
+        self._tmp: Path | None = None
+        self._file = None
+        self.committed = False
+
+    # -- sizes ---------------------------------------------------------------
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(spec.nbytes for _, spec in self._order)
+
+    def required_bytes(self) -> int:
+        headers = sum(len(safetensors_header(shard, self.metadata)) for shard in self.shards)
+        extra = sum(data.stat().st_size if isinstance(data, Path) else len(data) for data in self._extra.values())
+        return self.data_bytes + headers + extra + 2**20
+
+    def check_space(self) -> None:
+        """Fail if the target's file system lacks room for the whole output."""
+        try:
+            free = shutil.disk_usage(self.target.parent).free
+        except OSError as error:
+            raise CheckpointError(f"cannot check free space for {self.target}: {_one_line(error)}") from error
+        needed = self.required_bytes()
+        if free < needed:
+            raise CheckpointError(
+                f"not enough free disk space for {self.target}: the merge writes {format_size(needed)}, "
+                f"{format_size(free)} are free in {self.target.parent}"
+            )
+
+    # -- life cycle ----------------------------------------------------------
+
+    def __enter__(self) -> "ShardedWriter":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            self.abort()
+
+    def start(self) -> None:
+        """Create the temporary output next to the target (checks that it is writable)."""
+        remove_stale_partials(self.target)
+        tmp = self.target.parent / f".{self.target.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            if self.single_file:
+                tmp.touch(exist_ok=False)
+                self._tmp = tmp
+            else:
+                tmp.mkdir()
+                self._tmp = tmp
+                (tmp / _PARTIAL_MARKER).write_text(f"{os.getpid()}\n", encoding="utf-8")
+        except OSError as error:
+            self.abort()
+            raise CheckpointError(f"cannot write {self.target}: {error.strerror or _one_line(error)}") from error
+
+    def abort(self) -> None:
+        """Remove everything written so far."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        if self._tmp is not None:
+            if self._tmp.is_dir():
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            else:
+                self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+    # -- content ---------------------------------------------------------------
+
+    def expected(self) -> TensorSpec | None:
+        """The spec of the next tensor to :meth:`write` (None when all are written)."""
+        return self._order[self._position][1] if self._position < len(self._order) else None
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        """Append the next planned tensor (in plan order)."""
+        if self._tmp is None:
+            raise RuntimeError("ShardedWriter.write before start()")
+        spec = self.expected()
+        if spec is None or spec.name != name:
+            raise RuntimeError(f"tensor {name!r} written out of order (expected {spec.name if spec else 'none'!r})")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(
+                f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {spec.dtype} {list(spec.shape)}"
+            )
+        shard_index = self._order[self._position][0]
+        try:
+            if self._file is None:
+                self._open_shard(shard_index)
+            self._file.write(_tensor_bytes(tensor))
+            self._position += 1
+            if self._position == len(self._order) or self._order[self._position][0] != shard_index:
+                self._close_shard()
+        except OSError as error:
+            raise CheckpointError(f"cannot write {self.target}: {error.strerror or _one_line(error)}") from error
+
+    def _shard_path(self, index: int) -> Path:
+        return self._tmp if self.single_file else self._tmp / self.shard_names[index]
+
+    def _open_shard(self, index: int) -> None:
+        self._file = open(self._shard_path(index), "wb")
+        self._file.write(safetensors_header(self.shards[index], self.metadata))
+
+    def _close_shard(self) -> None:
+        handle, self._file = self._file, None
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+
+    def add_file(self, name: str, data: bytes | Path) -> None:
+        """A small extra file for the output folder: its content, or a file
+        to copy at :meth:`commit` (config, tokenizer, merge record)."""
+        if self.single_file:
+            raise RuntimeError("extra files need a folder output")
+        if "/" in name or name.startswith(".") or name in self.shard_names or name == SAFETENSORS_INDEX:
+            raise ValueError(f"cannot add file {name!r} to the output")
+        self._extra[name] = data
+
+    def commit(self) -> Path:
+        """Finish the output and move it into place; returns the target."""
+        if self._position != len(self._order):
+            missing = self._order[self._position][1].name
+            raise RuntimeError(f"commit before every tensor was written (next: {missing!r})")
+        try:
+            for index, shard in enumerate(self.shards):  # empty shards (an empty model) still get a header
+                if not shard:
+                    self._open_shard(index)
+                    self._close_shard()
+            if not self.single_file:
+                if len(self.shards) > 1:
+                    index = {
+                        "metadata": {"total_size": self.data_bytes},
+                        "weight_map": {spec.name: self.shard_names[i] for i, spec in self._order},
+                    }
+                    self._extra[SAFETENSORS_INDEX] = (json.dumps(index, indent=2) + "\n").encode("utf-8")
+                for name, data in self._extra.items():
+                    if isinstance(data, Path):
+                        shutil.copyfile(data, self._tmp / name)
+                    else:
+                        (self._tmp / name).write_bytes(data)
+                (self._tmp / _PARTIAL_MARKER).unlink()
+            self._move_into_place()
+        except OSError as error:
+            raise CheckpointError(f"cannot write {self.target}: {error.strerror or _one_line(error)}") from error
+        self.committed = True
+        self._tmp = None
+        return self.target
+
+    def _move_into_place(self) -> None:
+        target = self.target
+        if not (target.exists() or target.is_symlink()):
+            os.rename(self._tmp, target)
+            return
+        if not self.force:
+            raise CheckpointError(f"output {target} appeared during the merge; nothing was replaced")
+        old = target.parent / f".{target.name}{_OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(target, old)
+        try:
+            os.rename(self._tmp, target)
+        except BaseException:  # an interrupt too: put the old output back
+            os.rename(old, target)
+            raise
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def small_files_to_copy(folder: Path) -> list[Path]:
+    """The first model's config, tokenizer and other small non-weight files
+    (top level of the folder only; hidden files, model cards and weights excluded)."""
+    chosen = []
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if name.startswith(".") or not path.is_file() or name in SKIPPED_FILES:
+            continue
+        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            continue
+        if path.stat().st_size > MAX_COPIED_FILE_SIZE:
+            continue
+        chosen.append(path)
+    return chosen

@@ -1,0 +1,285 @@
+"""The ``lowrank-merge`` command line (also ``python -m lowrank_merge``).
+
+::
+
+    lowrank-merge merge MODEL_1 ... MODEL_T --out DIR [options]
+    lowrank-merge merge --config merge.yaml DIR [options]
+    lowrank-merge inspect MODEL_1 ... MODEL_T [options]
+
+Errors are one line on stderr and a non-zero exit status (1; 2 for usage
+errors, 130 when interrupted); ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Iterator, Sequence
+
+from . import __version__
+from .checkpoints import DEFAULT_MAX_SHARD_SIZE, format_size, parse_size
+from .config import COMPUTE_DTYPES, OUT_DTYPES, MergeConfig, dtype_name, load_config
+from .selection import KEY_PRESETS
+from .validation import SVD_CHOICES
+
+PROG = "lowrank-merge"
+
+
+class UsageError(ValueError):
+    """Arguments that parse but do not make sense together."""
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _settings_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("merge parameters (override --config)")
+    ranks = group.add_mutually_exclusive_group()
+    ranks.add_argument("--rank-ratio", type=float, metavar="R", help="kept rank k = max(1, floor(R * min(m, n))); default 0.08")
+    ranks.add_argument("--rank", type=int, metavar="K", help="a fixed rank k for every low-ranked matrix (clipped to min(m, n))")
+    group.add_argument("--scale", type=float, metavar="L", help="λ, the factor on the summed low-rank task vectors; default 2.0")
+    group.add_argument("--preset", choices=sorted(KEY_PRESETS), help="named include/exclude filter (default: default)")
+    group.add_argument("--include", nargs="+", action="extend", metavar="RE", help="only low-rank 2-D tensors whose name matches one of these regexes")
+    group.add_argument("--exclude", nargs="+", action="extend", metavar="RE", help="never low-rank tensors matching these regexes (replaces the preset's)")
+    group.add_argument("--svd", choices=SVD_CHOICES, help="top-k SVD engine (default auto = randomized)")
+    group.add_argument("--niter", type=int, metavar="N", help="power/Krylov iterations of the sketch engines (default 2)")
+    group.add_argument("--oversample", type=int, metavar="P", help="extra sketch columns (default 10 randomized, 0 krylov)")
+    group.add_argument("--seed", type=int, metavar="N", help="seed of the Gaussian sketch (default 0)")
+    group.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), help="compute dtype (default float32)")
+    group.add_argument("--out-dtype", choices=sorted(OUT_DTYPES), help="dtype of floating outputs (default: the input's)")
+    parser.add_argument("--base", metavar="PATH", help="the pretrained model; only checked for compatibility (it cancels out of CART)")
+    parser.add_argument("--config", metavar="YAML", help="a merge config (merge_method: cart, models, base_model, parameters)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print tracebacks with errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Merge fine-tuned models with CART, streaming checkpoints from disk one tensor at a time.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{merge,inspect}")
+    commands.required = True
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge models into an output folder",
+        description="Merge MODEL_1 ... MODEL_T into --out, or the models of --config into DIR.",
+        usage=f"{PROG} merge MODEL_1 ... MODEL_T --out DIR [options]\n       {PROG} merge --config merge.yaml DIR [options]",
+    )
+    merge.add_argument("inputs", nargs="*", metavar="MODEL", help="model folders or weight files (with --config: the output DIR)")
+    merge.add_argument("-o", "--out", metavar="DIR", help="output folder (or a .safetensors file for a single file)")
+    merge.add_argument("--device", default="cpu", metavar="{cpu,cuda,auto}", help="where the math runs (default cpu)")
+    merge.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE", help="bytes per output shard, e.g. 5GB (default), 500MB, 2GiB")
+    merge.add_argument("--force", action="store_true", help="replace an existing output (once the new one is complete)")
+    noise = merge.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    noise.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    _settings_options(merge)
+    merge.set_defaults(handler=run_merge)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="check models and show what a merge would do",
+        description="Check that the models are compatible and print, per tensor group, what a merge would do.",
+    )
+    inspect.add_argument("inputs", nargs="*", metavar="MODEL", help="model folders or weight files")
+    _settings_options(inspect)
+    inspect.set_defaults(handler=run_inspect)
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace, *, needs_out: bool) -> tuple[MergeConfig, str | None]:
+    """The merge config (``--config`` with command-line overrides) and the output path."""
+    inputs = list(args.inputs)
+    out = getattr(args, "out", None)
+    if args.config is not None:
+        config = load_config(args.config)
+        if needs_out and out is None:
+            if not inputs:
+                raise UsageError(f"with --config, give the output folder: {PROG} merge --config {args.config} DIR")
+            out = inputs.pop()
+        if inputs:
+            raise UsageError("models come from --config; give only the output folder on the command line")
+    else:
+        if not inputs:
+            raise UsageError("no models given: list MODEL_1 ... MODEL_T (or use --config)")
+        if needs_out and out is None:
+            raise UsageError("no output given: add --out DIR")
+        config = MergeConfig(models=inputs)
+    parameters = {
+        key: getattr(args, key)
+        for key in ("rank_ratio", "rank", "scale", "preset", "include", "exclude", "svd", "niter", "oversample", "seed")
+    }
+    config = config.with_overrides(parameters=parameters, base_model=args.base, dtype=args.dtype, out_dtype=args.out_dtype)
+    return config, out
+
+
+def _say(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from .streaming import merge_checkpoints, plan_merge, resolve_device
+
+    config, out = _config_from_args(args, needs_out=True)
+    settings = config.settings(device=resolve_device(args.device))
+    progress = args.progress or (not args.quiet and sys.stderr.isatty())
+
+    def checked(inputs) -> None:
+        if args.quiet:
+            return
+        planned = plan_merge(inputs, settings)
+        low_rank = sum(plan.action == "low_rank" for plan, _ in planned)
+        written = sum(spec.nbytes for _, spec in planned)
+        _say(
+            f"checked {len(inputs.readers)} models: {len(planned)} tensors ({low_rank} low-ranked), "
+            f"reading {format_size(inputs.total_bytes())}, writing {format_size(written)} to {out}"
+        )
+
+    result = merge_checkpoints(
+        config.models,
+        out,
+        settings,
+        base=config.base_model,
+        max_shard_size=args.max_shard_size,
+        force=args.force,
+        progress=progress,
+        on_checked=checked,
+    )
+    if not args.quiet:
+        rate = result.bytes_read / result.seconds if result.seconds > 0 else float("inf")
+        _say(
+            f"merged {len(config.models)} models into {result.path} ({len(result.files)} files, "
+            f"{format_size(result.bytes_written)}) in {result.seconds:.1f} s ({format_size(rate)}/s read)"
+        )
+    return 0
+
+
+def _flops(count: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.3g} {unit}"
+    return f"{count:.0f}"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(size) for size in shape) if shape else "scalar"
+
+
+def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .streaming import inspect_plan, open_models, plan_merge
+
+    config, _ = _config_from_args(args, needs_out=False)
+    settings = config.settings()
+    inputs = open_models(config.models, config.base_model)
+    groups = inspect_plan(inputs, settings)
+    planned = plan_merge(inputs, settings)
+    per_model = inputs.readers[0].total_bytes()
+    lines = [f"{len(inputs.readers)} models, compatible: {len(inputs.metas)} tensors, {format_size(per_model)} per model"]
+    for reader in inputs.readers + ([inputs.base] if inputs.base is not None else []):
+        kind = "safetensors" if type(reader).__name__.startswith("Safetensors") else "torch"
+        base = " (checked only)" if reader is inputs.base else ""
+        lines.append(f"  {reader.label}{base}: {kind}, {len(reader.files)} file(s)")
+    rank = f"rank={settings.rank}" if settings.rank is not None else f"rank_ratio={settings.rank_ratio:g}"
+    lines.append(
+        f"settings: {rank}, scale={settings.scale:g}, svd={settings.svd} (niter={settings.niter}, "
+        f"oversample={settings.oversample}), seed={settings.seed}, dtype={dtype_name(settings.compute_dtype)}"
+        + (f", out_dtype={dtype_name(settings.out_dtype)}" if settings.out_dtype is not None else "")
+    )
+    lines.append("")
+    rows = [["tensor group", "count", "shape", "dtype", "action", "k", "bytes/model", "~FLOP"]]
+    for group in groups:
+        rows.append(
+            [
+                group.pattern,
+                str(group.count),
+                _shape(group.shape),
+                dtype_name(group.dtype),
+                group.action.replace("_", "-"),
+                "-" if group.rank is None else str(group.rank),
+                format_size(group.bytes_per_model),
+                _flops(group.flops),
+            ]
+        )
+    lines.extend(_table(rows, right={1, 5, 6, 7}))
+    counts = {action: sum(plan.action == action for plan, _ in planned) for action in ("low_rank", "average", "copy")}
+    flops = sum(group.flops for group in groups)
+    written = sum(spec.nbytes for _, spec in planned)
+    lines.append("")
+    lines.append(
+        f"total: {len(planned)} tensors ({counts['low_rank']} low-ranked, {counts['average']} averaged, "
+        f"{counts['copy']} copied); reads {format_size(inputs.total_bytes())}, writes {format_size(written)}; "
+        f"about {_flops(flops)}FLOP of work"
+    )
+    print("\n".join(lines))
+    return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so that partial output is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        with _terminate_as_interrupt():
+            return args.handler(args)
+    except KeyboardInterrupt:
+        if args.verbose:
+            traceback.print_exc()
+        _say("interrupted; no output was written")
+        return 130
+    except UsageError as error:
+        _say(f"error: {error}")
+        return 2
+    except Exception as error:  # one line for the user, the traceback with --verbose
+        if args.verbose:
+            traceback.print_exc()
+        known = isinstance(error, (ValueError, TypeError, OSError))
+        prefix = "" if known else f"{type(error).__name__}: "
+        hint = "" if known or args.verbose else " (run with --verbose for the traceback)"
+        _say(f"error: {prefix}{_one_line(error)}{hint}")
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Merging checkpoints on disk, one tensor name at a time.
+
+:func:`merge_checkpoints` opens every input and checks it from the file
+headers (keys, shapes, dtypes, readable files), checks the output (exists?
+writable? room on disk?), and only then walks the tensors in the order they lie
+in the first model: read the T tensors of one name, :func:`~lowrank_merge.merge.merge_tensor`
+them, write the result into the pending output shard, drop everything. At any
+moment it holds the T input tensors of one name, the decomposition's work
+buffers and the one merged tensor being written; the result equals
+:func:`~lowrank_merge.cart_merge` on the same tensors exactly.
+
+With a CUDA device, a background thread reads the next name's tensors into
+pinned memory and copies them to the GPU on a side stream while the current one
+is merged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .checkpoints import (
+    DEFAULT_MAX_SHARD_SIZE,
+    CheckpointReader,
+    ShardedWriter,
+    TensorSpec,
+    check_output_target,
+    open_checkpoint,
+    small_files_to_copy,
+)
+from .config import dtype_name, merge_record, record_yaml
+from .engines import sketch_width
+from .merge import MergeSettings, TensorPlan, merge_tensor, output_dtype, plan_tensor
+from .validation import TensorMeta, check_compatible
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class CheckedInputs:
+    """Opened, mutually compatible models (and the base model, if any)."""
+
+    readers: list[CheckpointReader]
+    labels: list[str]
+    base: CheckpointReader | None
+    #: The first model's tensors in on-disk order: the order of the merge.
+    metas: dict[str, TensorMeta]
+
+    def layer_bytes(self, name: str) -> int:
+        return sum(reader.nbytes(name) for reader in self.readers)
+
+    def total_bytes(self) -> int:
+        return sum(reader.total_bytes() for reader in self.readers)
+
+
+def open_models(models: Sequence[PathLike], base: PathLike | None = None) -> CheckedInputs:
+    """Open every model (and the base) and check them against each other from
+    their headers alone. Errors name the model and the tensor."""
+    if isinstance(models, (str, os.PathLike)) or len(models) == 0:
+        raise ValueError("no models to merge: pass at least one model path")
+    readers = [open_checkpoint(path) for path in models]
+    labels = [reader.label for reader in readers]
+    base_reader = None if base is None else open_checkpoint(base, label=f"base model {os.fspath(base)}")
+    checked = readers + ([base_reader] if base_reader is not None else [])
+    check_compatible([reader.metas() for reader in checked], [reader.label for reader in checked])
+    return CheckedInputs(readers, labels, base_reader, readers[0].metas())
+
+
+def plan_merge(inputs: CheckedInputs, settings: MergeSettings) -> list[tuple[TensorPlan, TensorSpec]]:
+    """What happens to each tensor, and the output tensor it becomes."""
+    planned = []
+    for name, meta in inputs.metas.items():
+        plan = plan_tensor(name, meta, settings)
+        # output_dtype only reads .dtype, which the metadata carries.
+        planned.append((plan, TensorSpec(name, meta.shape, output_dtype(plan, meta, settings))))
+    return planned
+
+
+def estimate_flops(plan: TensorPlan, models: int, settings: MergeSettings) -> float:
+    """A rough count of floating-point operations to merge one tensor name
+    (for ``inspect``; the leading terms of each engine, not a measurement)."""
+    numel = math.prod(plan.shape)
+    if plan.action == "copy":
+        return 0.0
+    if plan.action == "average" or models == 1 or plan.rank >= min(plan.shape):
+        return float(models * numel)
+    m, n = plan.shape
+    k, p, q = plan.rank, min(m, n), max(m, n)
+    engine = settings.svd
+    if engine == "exact":
+        per_task = 4 * m * n * p + 8 * p**3
+    elif engine == "gram":
+        per_task = 2 * p * p * q + 9 * p**3 + 2 * m * n * k
+    else:
+        width = sketch_width(k, settings.oversample, m, n)
+        passes = 2 + 2 * settings.niter  # A Ω, the power iterations, Qᵀ A
+        basis = width * (settings.niter + 1) if engine == "krylov" else width
+        per_task = 2 * m * n * width * (passes - 1) + 2 * m * n * basis + 2 * (m + n) * basis**2 + 4 * n * basis**2
+    return float(models * (per_task + 3 * numel) + 2 * m * n * models * k)
+
+
+@dataclass
+class MergeResult:
+    path: Path
+    files: list[str]
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``None``/``"cpu"`` -> CPU, ``"auto"`` -> CUDA when available, ``"cuda[:i]"`` checked."""
+    if device is None:
+        return torch.device("cpu")
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device (use --device cpu or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device} is not supported; use cpu, cuda or auto")
+    return device
+
+
+# ---------------------------------------------------------------------------
+# Reading the T tensors of one name, optionally one name ahead
+# ---------------------------------------------------------------------------
+
+Loader = Callable[[str], object]
+
+
+def _cpu_loader(readers: Sequence[CheckpointReader]) -> tuple[Loader, Callable[[object], list[Tensor]]]:
+    def load(name: str) -> list[Tensor]:
+        return [reader.read(name) for reader in readers]
+
+    return load, lambda layer: layer
+
+
+def _cuda_loader(
+    readers: Sequence[CheckpointReader], device: torch.device
+) -> tuple[Loader, Callable[[object], list[Tensor]]]:
+    """Read into pinned memory and copy to ``device`` on a side stream.
+
+    ``load`` runs in the reading thread; ``ready`` runs in the merging thread
+    and makes its stream wait for the copies.
+    """
+    copy_stream = torch.cuda.Stream(device=device)
+
+    def load(name: str) -> tuple[list[Tensor], list[Tensor], torch.cuda.Event]:
+        host = []
+        for reader in readers:
+            tensor = reader.read(name)
+            pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            pinned.copy_(tensor)
+            host.append(pinned)
+            del tensor
+        with torch.cuda.stream(copy_stream):
+            on_device = [tensor.to(device, non_blocking=True) for tensor in host]
+            event = torch.cuda.Event()
+            event.record(copy_stream)
+        return on_device, host, event
+
+    def ready(layer: object) -> list[Tensor]:
+        on_device, host, event = layer
+        stream = torch.cuda.current_stream(device)
+        stream.wait_event(event)
+        for tensor in on_device:
+            tensor.record_stream(stream)  # allocated on the copy stream, used (and freed) on this one
+        return on_device
+
+    return load, ready
+
+
+def iterate_layers(
+    readers: Sequence[CheckpointReader],
+    names: Sequence[str],
+    device: torch.device,
+    prefetch: bool,
+) -> Iterator[tuple[str, list[Tensor]]]:
+    """``(name, [T tensors])`` in order; with ``prefetch`` the next name is read
+    in a background thread while the caller merges the current one."""
+    load, ready = _cuda_loader(readers, device) if device.type == "cuda" and prefetch else _cpu_loader(readers)
+    if not prefetch:
+        for name in names:
+            yield name, ready(load(name))
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowrank-merge-read")
+    try:
+        future = pool.submit(load, names[0]) if names else None
+        for position, name in enumerate(names):
+            layer = ready(future.result())
+            future = pool.submit(load, names[position + 1]) if position + 1 < len(names) else None
+            yield name, layer
+            del layer
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------
+# The merge
+# ---------------------------------------------------------------------------
+
+
+def _progress_bar(enabled: bool, total: int, count: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"CART merge 0/{count}", dynamic_ncols=True)
+
+
+def _config_json(data: bytes, out_dtype: torch.dtype | None) -> bytes:
+    """The first model's config.json, with its dtype updated when the output dtype changed."""
+    if out_dtype is None:
+        return data
+    try:
+        config = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(config, dict):
+        return data
+    changed = False
+    for key in ("torch_dtype", "dtype"):
+        if isinstance(config.get(key), str):
+            config[key] = dtype_name(out_dtype)
+            changed = True
+    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8") if changed else data
+
+
+def merge_checkpoints(
+    models: Sequence[PathLike],
+    out: PathLike,
+    settings: MergeSettings | None = None,
+    *,
+    base: PathLike | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+    progress: bool = False,
+    prefetch: bool | None = None,
+    copy_files: bool = True,
+    on_checked: Callable[[CheckedInputs], None] | None = None,
+) -> MergeResult:
+    """Merge T checkpoints on disk with CART into ``out``, streaming.
+
+    Args:
+        models: T model folders or weight files (see
+            :func:`~lowrank_merge.checkpoints.open_checkpoint`).
+        out: output folder (Hugging Face layout; the first model's config and
+            tokenizer files are copied) or a ``.safetensors`` file.
+        settings: :class:`~lowrank_merge.MergeSettings` (default: CART defaults).
+            ``settings.device`` picks where the math runs.
+        base: the pretrained model; checked for compatibility only.
+        max_shard_size: bytes of tensor data per output shard.
+        force: replace an existing ``out`` (only once the new one is complete).
+        progress: show a tqdm bar (bytes read per second, ETA).
+        prefetch: read the next tensor while merging the current one
+            (default: on for CUDA, off for CPU).
+        on_checked: called once every input and the output were checked,
+            before the first tensor is read.
+
+    The output appears under ``out`` only when complete: on any error or
+    interruption the temporary output is removed.
+    """
+    settings = MergeSettings.create() if settings is None else settings
+    out = Path(out)
+    model_paths = [os.fspath(path) for path in models] if not isinstance(models, (str, os.PathLike)) else []
+    base_path = None if base is None else os.fspath(base)
+    check_output_target(out, force=force, inputs=[Path(p) for p in model_paths + ([base_path] if base_path else [])])
+    device = resolve_device(settings.device)
+    inputs = open_models(model_paths, base_path)
+    planned = plan_merge(inputs, settings)
+    record = merge_record(model_paths, base_path, settings)
+    metadata = {
+        "format": "pt",
+        "merge_method": "cart",
+        "merge_config": json.dumps(record, separators=(",", ":")),
+        "lowrank_merge_version": record["lowrank_merge_version"],
+    }
+    writer = ShardedWriter(out, [spec for _, spec in planned], max_shard_size=max_shard_size, metadata=metadata, force=force)
+    if not writer.single_file:
+        source = inputs.readers[0].source_dir
+        if copy_files and source is not None:
+            for path in small_files_to_copy(source):
+                if path.name == "config.json":
+                    writer.add_file(path.name, _config_json(path.read_bytes(), settings.out_dtype))
+                else:
+                    writer.add_file(path.name, path)
+        writer.add_file("merge_config.yaml", record_yaml(record).encode("utf-8"))
+    writer.check_space()
+    if prefetch is None:
+        prefetch = device.type == "cuda"
+    names = list(inputs.metas)
+    total_read = inputs.total_bytes()
+    bar = None
+    writer.start()  # the temporary output next to the target: proves it writable
+    try:
+        if on_checked is not None:
+            on_checked(inputs)
+        bar = _progress_bar(progress, total_read, len(names))
+        started = time.perf_counter()
+        for position, (name, tensors) in enumerate(iterate_layers(inputs.readers, names, device, prefetch)):
+            try:
+                merged = merge_tensor(name, tensors, settings, inputs.labels)
+            except RuntimeError as error:  # most torch errors do not name the tensor
+                if repr(name) in str(error):
+                    raise
+                raise RuntimeError(f"while merging tensor {name!r}: {error}") from error
+            layer_bytes = inputs.layer_bytes(name)
+            del tensors
+            writer.write(name, merged)
+            del merged
+            if bar is not None:
+                bar.set_description_str(f"CART merge {position + 1}/{len(names)}", refresh=False)
+                bar.update(layer_bytes)
+        writer.commit()
+    finally:
+        if not writer.committed:
+            writer.abort()
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - started
+    files = [out.name] if writer.single_file else sorted(os.listdir(out))
+    return MergeResult(out, files, len(names), total_read, writer.data_bytes, seconds)
+
+
+# ---------------------------------------------------------------------------
+# Inspection
+# ---------------------------------------------------------------------------
+
+_LAYER_NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
+
+
+def group_pattern(name: str) -> str:
+    """``model.layers.12.mlp.up_proj.weight`` -> ``model.layers.*.mlp.up_proj.weight``."""
+    return _LAYER_NUMBER.sub("*", name)
+
+
+@dataclass
+class TensorGroup:
+    pattern: str
+    action: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    rank: int | None
+    count: int = 0
+    bytes_per_model: int = 0
+    flops: float = 0.0
+
+
+def inspect_plan(inputs: CheckedInputs, settings: MergeSettings) -> list[TensorGroup]:
+    """Tensors grouped by name pattern (layer numbers as ``*``), shape, dtype and action."""
+    groups: dict[tuple, TensorGroup] = {}
+    models = len(inputs.readers)
+    for plan, spec in plan_merge(inputs, settings):
+        meta = inputs.metas[plan.name]
+        key = (group_pattern(plan.name), plan.action, plan.shape, meta.dtype, plan.rank)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = TensorGroup(key[0], plan.action, plan.shape, meta.dtype, plan.rank)
+        group.count += 1
+        group.bytes_per_model += inputs.readers[0].nbytes(plan.name)
+        group.flops += estimate_flops(plan, models, settings)
+    return list(groups.values())
