@@ -24,7 +24,14 @@ def _flag(name: str) -> bool:
 def _extensions():
     if _flag("LOWRANK_MERGE_NO_EXTENSION"):
         return [], {}
-    import torch
+    try:
+        import torch
+    except ModuleNotFoundError:
+        raise SystemExit(
+            "lowrank_merge: torch must be installed before building the extension: "
+            "pip install torch==2.13.0 (or your CUDA build), then pip install --no-build-isolation -e . "
+            "(or set LOWRANK_MERGE_NO_EXTENSION=1 for the pure-torch package)"
+        ) from None
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 import lowrank_merge as lm  # noqa: E402
 from lowrank_merge import _ops, engines  # noqa: E402
-from lowrank_merge.merge import DEFAULT_NITER, DEFAULT_OVERSAMPLE  # noqa: E402
+from lowrank_merge.cart import DEFAULT_NITER, DEFAULT_OVERSAMPLE  # noqa: E402
 
 
 @dataclass(frozen=True)

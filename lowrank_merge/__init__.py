@@ -3,11 +3,14 @@
 CART (Choi et al. 2024, "Revisiting Weight Averaging for Model Merging",
 arXiv 2412.12153): θ = θ_avg + λ · Σ_t SVD_k(θ_t − θ_avg) for each selected
 2-D weight, θ_avg for every other tensor.
+
+``lowrank_merge.merge(models, method=..., base=None, **params)`` runs CART or a
+baseline (``average``, ``task_arithmetic``, ``ties``, ``tsv``, ``iso_c``,
+``iso_cts``) through one API; see :mod:`lowrank_merge.methods`.
 """
 
 from ._ops import extension_available
-from .engines import ENGINES
-from .merge import (
+from .cart import (
     DEFAULT_NITER,
     DEFAULT_RANK_RATIO,
     DEFAULT_SCALE,
@@ -21,7 +24,20 @@ from .merge import (
     merge_tensor,
     plan_tensor,
 )
+from .engines import ENGINES
+from .methods import (
+    METHODS,
+    MethodSettings,
+    MethodSpec,
+    check_base,
+    get_method,
+    merge,
+    merge_method_tensor,
+    method_settings,
+    prepare,
+)
 from .selection import DEFAULT_EXCLUDE, KEY_PRESETS, REFERENCE_EXCLUDE, REFERENCE_INCLUDE, key_preset, rank_for
+
 
 __version__ = "0.1.0"
 
@@ -32,18 +48,27 @@ __all__ = [
     "DEFAULT_SCALE",
     "ENGINES",
     "KEY_PRESETS",
+    "METHODS",
     "REFERENCE_EXCLUDE",
     "REFERENCE_INCLUDE",
     "CartDeltas",
     "MergeSettings",
+    "MethodSettings",
+    "MethodSpec",
     "cart_decompose",
     "cart_layer",
     "cart_layer_parts",
     "cart_merge",
+    "check_base",
     "extension_available",
+    "get_method",
     "key_preset",
     "low_rank_approx",
+    "merge",
+    "merge_method_tensor",
     "merge_tensor",
+    "method_settings",
     "plan_tensor",
+    "prepare",
     "rank_for",
 ]

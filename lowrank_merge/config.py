@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .merge import MergeSettings
+from .cart import MergeSettings
 from .selection import KEY_PRESETS, key_preset
 
 SUPPORTED_METHODS = ("cart",)

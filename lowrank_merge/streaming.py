@@ -3,7 +3,7 @@
 :func:`merge_checkpoints` opens every input and checks it from the file
 headers (keys, shapes, dtypes, readable files), checks the output (exists?
 writable? room on disk?), and only then walks the tensors in the order they lie
-in the first model: read the T tensors of one name, :func:`~lowrank_merge.merge.merge_tensor`
+in the first model: read the T tensors of one name, :func:`~lowrank_merge.cart.merge_tensor`
 them, write the result into the pending output shard, drop everything. At any
 moment it holds the T input tensors of one name, the decomposition's work
 buffers and the one merged tensor being written; the result equals
@@ -40,7 +40,7 @@ from .checkpoints import (
 )
 from .config import dtype_name, merge_record, record_yaml
 from .engines import sketch_width
-from .merge import MergeSettings, TensorPlan, merge_tensor, output_dtype, plan_tensor
+from .cart import MergeSettings, TensorPlan, merge_tensor, output_dtype, plan_tensor
 from .validation import TensorMeta, check_compatible
 
 PathLike = str | os.PathLike[str]

@@ -93,7 +93,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def sketch(engine: str, k: int, m: int, n: int, dtype: torch.dtype, device, seed: int = 0) -> torch.Tensor | None:
     if engine not in SKETCH_ENGINES:
         return None
-    oversample = lm.merge.DEFAULT_OVERSAMPLE[engine]
+    oversample = lm.cart.DEFAULT_OVERSAMPLE[engine]
     return engines.gaussian_sketch(n, engines.sketch_width(k, oversample, m, n), seed, dtype, device)
 
 
