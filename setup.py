@@ -76,6 +76,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["lowrank_merge", "lowrank_merge.*"]),
+    package_data={"lowrank_merge.integrations": ["fusion_bench_config/method/lowrank_merge/*.yaml"]},
     python_requires=">=3.10",
     # torch is deliberately not listed: a bare requirement would make pip pull a
     # multi-GB CUDA build. Install the torch you want first (see README).
