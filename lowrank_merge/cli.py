@@ -2,9 +2,12 @@
 
 ::
 
-    lowrank-merge merge MODEL_1 ... MODEL_T --out DIR [options]
+    lowrank-merge merge MODEL_1 ... MODEL_T --out DIR [--method NAME] [options]
     lowrank-merge merge --config merge.yaml DIR [options]
-    lowrank-merge inspect MODEL_1 ... MODEL_T [options]
+    lowrank-merge inspect MODEL_1 ... MODEL_T [--method NAME] [options]
+
+Every method of :data:`lowrank_merge.METHODS` runs through the same streaming
+merge; a parameter the chosen method does not take is an error.
 
 Errors are one line on stderr and a non-zero exit status (1; 2 for usage
 errors, 130 when interrupted); ``--verbose`` adds the traceback.
@@ -18,11 +21,13 @@ import signal
 import sys
 import threading
 import traceback
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 from . import __version__
 from .checkpoints import DEFAULT_MAX_SHARD_SIZE, format_size, parse_size
-from .config import COMPUTE_DTYPES, OUT_DTYPES, MergeConfig, dtype_name, load_config
+from .config import COMPUTE_DTYPES, OUT_DTYPES, MergeConfig, dtype_name, load_config, method_parameters
+from .methods import METHODS, TRIM_CHOICES, MethodSpec
 from .selection import KEY_PRESETS
 from .validation import SVD_CHOICES
 
@@ -40,30 +45,50 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _takers(parameter: str) -> str:
+    """The methods that take ``parameter``, for the help texts."""
+    return ", ".join(name for name, spec in METHODS.items() if parameter in spec.accepted)
+
+
+def _defaults(parameter: str) -> str:
+    """``cart 2, ties 1, ...``: each method's default of ``parameter``, for the help texts."""
+    return ", ".join(
+        f"{name} {spec.parameters[parameter]:g}"
+        for name, spec in METHODS.items()
+        if spec.parameters.get(parameter) is not None
+    )
+
+
 def _settings_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("merge parameters (override --config)")
+    group = parser.add_argument_group("merge parameters (override --config; each method takes only its own)")
+    group.add_argument("--method", choices=list(METHODS), help="merge method (default: the config's merge_method, else cart)")
     ranks = group.add_mutually_exclusive_group()
-    ranks.add_argument("--rank-ratio", type=float, metavar="R", help="kept rank k = max(1, floor(R * min(m, n))); default 0.08")
-    ranks.add_argument("--rank", type=int, metavar="K", help="a fixed rank k for every low-ranked matrix (clipped to min(m, n))")
-    group.add_argument("--scale", type=float, metavar="L", help="λ, the factor on the summed low-rank task vectors; default 2.0")
-    group.add_argument("--preset", choices=sorted(KEY_PRESETS), help="named include/exclude filter (default: default)")
-    group.add_argument("--include", nargs="+", action="extend", metavar="RE", help="only low-rank 2-D tensors whose name matches one of these regexes")
-    group.add_argument("--exclude", nargs="+", action="extend", metavar="RE", help="never low-rank tensors matching these regexes (replaces the preset's)")
-    group.add_argument("--svd", choices=SVD_CHOICES, help="top-k SVD engine (default auto = randomized)")
-    group.add_argument("--niter", type=int, metavar="N", help="power/Krylov iterations of the sketch engines (default 2)")
-    group.add_argument("--oversample", type=int, metavar="P", help="extra sketch columns (default 10 randomized, 0 krylov)")
-    group.add_argument("--seed", type=int, metavar="N", help="seed of the Gaussian sketch (default 0)")
+    ranks.add_argument("--rank-ratio", type=float, metavar="R", help=f"[{_takers('rank_ratio')}] kept rank k = max(1, floor(R * min(m, n))); default: {_defaults('rank_ratio')}, tsv floor(min(m, n) / T)")
+    ranks.add_argument("--rank", type=int, metavar="K", help=f"[{_takers('rank')}] a fixed rank k for every decomposed matrix (clipped to min(m, n))")
+    group.add_argument("--scale", type=float, metavar="L", help=f"[{_takers('scale')}] λ, the factor on the merged task vector; default: {_defaults('scale')}")
+    group.add_argument("--density", type=float, metavar="D", help=f"[{_takers('density')}] fraction of each task vector's entries kept (largest magnitudes); default {_defaults('density')}")
+    group.add_argument("--trim", choices=TRIM_CHOICES, help=f"[{_takers('trim')}] keep the largest entries per tensor, or over the whole model (default model: a pre-pass reads the models 2 more times, 4 with --dtype float64)")
+    group.add_argument("--common-fraction", type=float, metavar="F", help=f"[{_takers('common_fraction')}] share of the rank kept for the common subspace; default {_defaults('common_fraction')}")
+    group.add_argument("--preset", choices=sorted(KEY_PRESETS), help=f"[{_takers('include')}] named include/exclude filter (default: default)")
+    group.add_argument("--include", nargs="+", action="extend", metavar="RE", help=f"[{_takers('include')}] only decompose 2-D tensors whose name matches one of these regexes")
+    group.add_argument("--exclude", nargs="+", action="extend", metavar="RE", help=f"[{_takers('exclude')}] never decompose tensors matching these regexes (replaces the preset's)")
+    group.add_argument("--svd", choices=SVD_CHOICES, help=f"[{_takers('svd')}] top-k SVD engine (default auto = randomized)")
+    group.add_argument("--niter", type=int, metavar="N", help=f"[{_takers('niter')}] power/Krylov iterations of the sketch engines (default 2)")
+    group.add_argument("--oversample", type=int, metavar="P", help=f"[{_takers('oversample')}] extra sketch columns (default 10 randomized, 0 krylov)")
+    group.add_argument("--seed", type=int, metavar="N", help=f"[{_takers('seed')}] seed of the Gaussian sketch (default 0)")
     group.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), help="compute dtype (default float32)")
     group.add_argument("--out-dtype", choices=sorted(OUT_DTYPES), help="dtype of floating outputs (default: the input's)")
-    parser.add_argument("--base", metavar="PATH", help="the pretrained model; only checked for compatibility (it cancels out of CART)")
-    parser.add_argument("--config", metavar="YAML", help="a merge config (merge_method: cart, models, base_model, parameters)")
+    needs = ", ".join(name for name, spec in METHODS.items() if spec.needs_base)
+    checks = ", ".join(name for name, spec in METHODS.items() if not spec.needs_base)
+    parser.add_argument("--base", metavar="PATH", help=f"the pretrained model: required by {needs}; only checked for compatibility by {checks}")
+    parser.add_argument("--config", metavar="YAML", help="a merge config (merge_method, models, base_model, parameters)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print tracebacks with errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Merge fine-tuned models with CART, streaming checkpoints from disk one tensor at a time.",
+        description="Merge fine-tuned models with CART or a baseline method, streaming checkpoints from disk one tensor at a time.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{merge,inspect}")
@@ -115,11 +140,11 @@ def _config_from_args(args: argparse.Namespace, *, needs_out: bool) -> tuple[Mer
         if needs_out and out is None:
             raise UsageError("no output given: add --out DIR")
         config = MergeConfig(models=inputs)
-    parameters = {
-        key: getattr(args, key)
-        for key in ("rank_ratio", "rank", "scale", "preset", "include", "exclude", "svd", "niter", "oversample", "seed")
-    }
-    config = config.with_overrides(parameters=parameters, base_model=args.base, dtype=args.dtype, out_dtype=args.out_dtype)
+    keys = ("rank_ratio", "rank", "scale", "density", "trim", "common_fraction", "preset", "include", "exclude")
+    parameters = {key: getattr(args, key) for key in (*keys, "svd", "niter", "oversample", "seed")}
+    config = config.with_overrides(
+        merge_method=args.method, parameters=parameters, base_model=args.base, dtype=args.dtype, out_dtype=args.out_dtype
+    )
     return config, out
 
 
@@ -137,12 +162,12 @@ def run_merge(args: argparse.Namespace) -> int:
     def checked(inputs) -> None:
         if args.quiet:
             return
-        planned = plan_merge(inputs, settings)
-        low_rank = sum(plan.action == "low_rank" for plan, _ in planned)
+        planned = plan_merge(inputs, settings.compute)
         written = sum(spec.nbytes for _, spec in planned)
         _say(
-            f"checked {len(inputs.readers)} models: {len(planned)} tensors ({low_rank} low-ranked), "
-            f"reading {format_size(inputs.total_bytes())}, writing {format_size(written)} to {out}"
+            f"checked {len(inputs.readers)} models: {len(planned)} tensors "
+            f"({_totals([_action(plan.action, settings.spec) for plan, _ in planned], settings.spec)}), "
+            f"reading {format_size(inputs.total_bytes(settings.spec))}, writing {format_size(written)} to {out}"
         )
 
     result = merge_checkpoints(
@@ -158,10 +183,38 @@ def run_merge(args: argparse.Namespace) -> int:
     if not args.quiet:
         rate = result.bytes_read / result.seconds if result.seconds > 0 else float("inf")
         _say(
-            f"merged {len(config.models)} models into {result.path} ({len(result.files)} files, "
+            f"merged {len(config.models)} models into {result.path} with {settings.spec.name} ({len(result.files)} files, "
             f"{format_size(result.bytes_written)}) in {result.seconds:.1f} s ({format_size(rate)}/s read)"
         )
     return 0
+
+
+def _action(action: str, spec: MethodSpec) -> str:
+    """What ``spec`` does to a tensor that CART's plan gives ``action``: CART's
+    own plan (``low_rank``, ``average``, ``copy``); for the other methods
+    ``svd`` for the matrices an SVD method decomposes, ``copy`` for
+    non-floating tensors and the method's name for the tensors its
+    elementwise rule merges."""
+    if action == "copy" or spec.name == "cart":
+        return action
+    return "svd" if spec.uses_svd and action == "low_rank" else spec.name
+
+
+def _totals(actions: Sequence[str], spec: MethodSpec) -> str:
+    """``13 low-ranked, 21 averaged, 3 copied``: how many tensors get each action."""
+    words = {
+        "low_rank": "low-ranked",
+        "svd": f"decomposed by {spec.name}",
+        spec.name: f"merged elementwise by {spec.name}",
+        "average": "averaged",
+        "copy": "copied",
+    }
+    counts = Counter(actions)
+    return ", ".join(f"{counts[action]} {word}" for action, word in words.items() if counts[action])
+
+
+def _value(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _flops(count: float) -> str:
@@ -189,45 +242,48 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     config, _ = _config_from_args(args, needs_out=False)
     settings = config.settings()
+    spec, compute = settings.spec, settings.compute
     inputs = open_models(config.models, config.base_model)
-    groups = inspect_plan(inputs, settings)
-    planned = plan_merge(inputs, settings)
+    groups = inspect_plan(inputs, compute)
+    planned = plan_merge(inputs, compute)
+    # The rank and FLOP columns model CART's engines; the other methods show "-".
+    estimated = spec.name == "cart"
     per_model = inputs.readers[0].total_bytes()
     lines = [f"{len(inputs.readers)} models, compatible: {len(inputs.metas)} tensors, {format_size(per_model)} per model"]
     for reader in inputs.readers + ([inputs.base] if inputs.base is not None else []):
         kind = "safetensors" if type(reader).__name__.startswith("Safetensors") else "torch"
-        base = " (checked only)" if reader is inputs.base else ""
+        base = " (checked only)" if reader is inputs.base and not spec.needs_base else ""
         lines.append(f"  {reader.label}{base}: {kind}, {len(reader.files)} file(s)")
-    rank = f"rank={settings.rank}" if settings.rank is not None else f"rank_ratio={settings.rank_ratio:g}"
-    lines.append(
-        f"settings: {rank}, scale={settings.scale:g}, svd={settings.svd} (niter={settings.niter}, "
-        f"oversample={settings.oversample}), seed={settings.seed}, dtype={dtype_name(settings.compute_dtype)}"
-        + (f", out_dtype={dtype_name(settings.out_dtype)}" if settings.out_dtype is not None else "")
-    )
+    parts = [f"method={spec.name}", *(f"{key}={_value(value)}" for key, value in method_parameters(settings).items())]
+    if spec.uses_svd:
+        parts.append(f"svd={compute.svd} (niter={compute.niter}, oversample={compute.oversample}), seed={compute.seed}")
+    parts.append(f"dtype={dtype_name(compute.compute_dtype)}")
+    if compute.out_dtype is not None:
+        parts.append(f"out_dtype={dtype_name(compute.out_dtype)}")
+    lines.append("settings: " + ", ".join(parts))
     lines.append("")
     rows = [["tensor group", "count", "shape", "dtype", "action", "k", "bytes/model", "~FLOP"]]
     for group in groups:
+        action = _action(group.action, spec)
         rows.append(
             [
                 group.pattern,
                 str(group.count),
                 _shape(group.shape),
                 dtype_name(group.dtype),
-                group.action.replace("_", "-"),
-                "-" if group.rank is None else str(group.rank),
+                "low-rank" if action == "low_rank" else action,
+                str(group.rank) if action == "low_rank" else "-",
                 format_size(group.bytes_per_model),
-                _flops(group.flops),
+                _flops(group.flops) if estimated else "-",
             ]
         )
     lines.extend(_table(rows, right={1, 5, 6, 7}))
-    counts = {action: sum(plan.action == action for plan, _ in planned) for action in ("low_rank", "average", "copy")}
-    flops = sum(group.flops for group in groups)
-    written = sum(spec.nbytes for _, spec in planned)
+    written = sum(tensor.nbytes for _, tensor in planned)
+    work = f"; about {_flops(sum(group.flops for group in groups))}FLOP of work" if estimated else ""
     lines.append("")
     lines.append(
-        f"total: {len(planned)} tensors ({counts['low_rank']} low-ranked, {counts['average']} averaged, "
-        f"{counts['copy']} copied); reads {format_size(inputs.total_bytes())}, writes {format_size(written)}; "
-        f"about {_flops(flops)}FLOP of work"
+        f"total: {len(planned)} tensors ({_totals([_action(plan.action, spec) for plan, _ in planned], spec)}); "
+        f"reads {format_size(inputs.total_bytes(spec))}, writes {format_size(written)}{work}"
     )
     print("\n".join(lines))
     return 0

@@ -4,14 +4,14 @@ of how a model was merged, which has the same schema, so that the
 
 .. code-block:: yaml
 
-    merge_method: cart
+    merge_method: ties            # any of lowrank_merge.METHODS (default on the command line: cart)
     models:
       - model: ./finetuned-a
       - model: ./finetuned-b
-    base_model: ./pretrained      # optional, checked only (it cancels out of CART)
-    parameters:
-      rank_ratio: 0.08            # or rank: 32
-      scale: 2.0
+    base_model: ./pretrained      # required by the task-vector methods; checked only by cart and average
+    parameters:                   # the method's own (see parameter_keys)
+      density: 0.2
+      scale: 1.0
     dtype: float32                # compute dtype: float32 or float64
     out_dtype: bfloat16           # optional: float32, float16 or bfloat16
 """
@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from .cart import MergeSettings
-from .selection import KEY_PRESETS, key_preset
+from .methods import COMPUTE_PARAMETERS, METHODS, MethodSettings, MethodSpec, check_base, get_method, method_settings
+from .selection import key_preset
 
-SUPPORTED_METHODS = ("cart",)
+SUPPORTED_METHODS = tuple(METHODS)
 TOP_LEVEL_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "lowrank_merge_version")
-PARAMETER_KEYS = ("rank_ratio", "rank", "scale", "preset", "include", "exclude", "svd", "niter", "oversample", "seed")
 MODEL_KEYS = ("model",)
 
 COMPUTE_DTYPES: dict[str, torch.dtype] = {
@@ -63,7 +63,7 @@ def compute_dtype(name: str | None) -> torch.dtype:
         return torch.float32
     if name not in COMPUTE_DTYPES:
         raise ConfigError(
-            f"dtype (the compute dtype) must be float32 or float64, got {name!r}; CART never decomposes in "
+            f"dtype (the compute dtype) must be float32 or float64, got {name!r}; merges never run in "
             "half precision: set out_dtype (--out-dtype) to write float16 or bfloat16"
         )
     return COMPUTE_DTYPES[name]
@@ -87,9 +87,26 @@ def _patterns(value: Any, where: str) -> list[str] | None:
     raise ConfigError(f"{where} must be a regular expression or a list of them, got {value!r}")
 
 
+def parameter_keys(spec: MethodSpec) -> tuple[str, ...]:
+    """The ``parameters:`` a config of ``spec`` takes: the method's own, and for
+    the SVD methods ``preset`` and the key-filter and engine options (device and
+    dtypes are set elsewhere: ``--device``, ``dtype``, ``out_dtype``)."""
+    keys = tuple(key for key in spec.accepted if key not in COMPUTE_PARAMETERS)
+    return (*keys, "preset") if spec.uses_svd else keys
+
+
+def _check_parameters(spec: MethodSpec, parameters: Mapping[str, Any], where: str = "") -> None:
+    unknown = [key for key in parameters if key not in parameter_keys(spec)]
+    if unknown:
+        raise ConfigError(
+            f"{where}merge method {spec.name!r} takes no parameter {unknown[0]!r}; "
+            f"its parameters: {', '.join(parameter_keys(spec)) or 'none'}"
+        )
+
+
 @dataclass
 class MergeConfig:
-    """What to merge and how: models, base model, CART parameters, dtypes."""
+    """What to merge and how: method, models, base model, parameters, dtypes."""
 
     models: list[str]
     base_model: str | None = None
@@ -101,6 +118,7 @@ class MergeConfig:
     def with_overrides(
         self,
         *,
+        merge_method: str | None = None,
         parameters: Mapping[str, Any] | None = None,
         base_model: str | None = None,
         dtype: str | None = None,
@@ -116,35 +134,40 @@ class MergeConfig:
         merged.update(given)
         return replace(
             self,
+            merge_method=merge_method if merge_method is not None else self.merge_method,
             parameters=merged,
             base_model=base_model if base_model is not None else self.base_model,
             dtype=dtype if dtype is not None else self.dtype,
             out_dtype=out_dtype if out_dtype is not None else self.out_dtype,
         )
 
-    def settings(self, device: torch.device | str | None = None) -> MergeSettings:
-        """The validated :class:`MergeSettings` (raises ValueError/TypeError)."""
+    def settings(self, device: torch.device | str | None = None) -> MethodSettings:
+        """The validated :class:`~lowrank_merge.MethodSettings` of the config's method.
+
+        Raises ValueError/TypeError for a parameter the method does not take,
+        a bad value, or a missing ``base_model`` the method needs.
+        """
+        spec = get_method(self.merge_method)
         params = dict(self.parameters)
-        unknown = sorted(set(params) - set(PARAMETER_KEYS))
-        if unknown:
-            raise ConfigError(f"unknown parameter {unknown[0]!r}; known parameters: {', '.join(PARAMETER_KEYS)}")
-        preset = params.pop("preset", None)
-        filters: dict[str, Any] = {"include": None, "exclude": None}
-        if preset is not None:
-            if preset not in KEY_PRESETS:
-                raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(KEY_PRESETS)}")
-            filters.update(key_preset(preset))
-        for key in ("include", "exclude"):
-            patterns = _patterns(params.pop(key, None), key)
-            if patterns is not None:
-                filters[key] = patterns
-        return MergeSettings.create(
+        _check_parameters(spec, params)
+        if spec.uses_svd:
+            preset = params.pop("preset", None)
+            if preset is not None:
+                params = {**key_preset(preset), **params}  # include/exclude given replace the preset's
+            for key in ("include", "exclude"):
+                params[key] = _patterns(params.get(key), key)
+        settings = method_settings(
+            spec.name,
             **params,
-            **filters,
             device=device,
             compute_dtype=compute_dtype(self.dtype),
             out_dtype=out_dtype(self.out_dtype),
         )
+        try:
+            check_base(spec, self.base_model)
+        except ValueError as error:
+            raise ConfigError(f"{error}; on the command line: --base PATH, in a config: base_model") from None
+        return settings
 
 
 def parse_config(data: Any, source: str = "config") -> MergeConfig:
@@ -170,11 +193,7 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
     parameters = data.get("parameters") or {}
     if not isinstance(parameters, Mapping):
         raise ConfigError(f"{source}: parameters must be a mapping, got {parameters!r}")
-    unknown = [key for key in parameters if key not in PARAMETER_KEYS]
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown parameter {unknown[0]!r}; known parameters: {', '.join(PARAMETER_KEYS)}"
-        )
+    _check_parameters(METHODS[method], parameters, f"{source}: ")
     if "rank" in parameters and "rank_ratio" in parameters:
         raise ConfigError(f"{source}: give either parameters.rank or parameters.rank_ratio, not both")
     dtypes = {}
@@ -191,7 +210,7 @@ def _model_path(entry: Any, where: str) -> str:
         return os.fspath(entry)
     if isinstance(entry, Mapping):
         if "parameters" in entry:
-            raise ConfigError(f"{where}: per-model parameters are not supported by cart; put them under parameters")
+            raise ConfigError(f"{where}: per-model parameters are not supported; put them under parameters")
         unknown = [key for key in entry if key not in MODEL_KEYS]
         if unknown:
             raise ConfigError(f"{where}: unknown key {unknown[0]!r} (a model entry is {{model: PATH}})")
@@ -216,15 +235,19 @@ def load_config(path: str | os.PathLike[str]) -> MergeConfig:
     return parse_config(data, str(path))
 
 
-def settings_record(settings: MergeSettings) -> dict[str, Any]:
-    """The parameters of ``settings``, defaults resolved (so a rerun is identical)."""
+def method_parameters(settings: MethodSettings) -> dict[str, Any]:
+    """The method's own parameters, defaults resolved; ``rank`` replaces
+    ``rank_ratio`` (it overrides it) and unset (None) values are left out."""
+    parameters = {key: getattr(settings, key) for key in settings.spec.parameters}
+    if parameters.get("rank") is not None:
+        parameters.pop("rank_ratio", None)
+    return {key: value for key, value in parameters.items() if value is not None}
+
+
+def engine_parameters(settings: MergeSettings) -> dict[str, Any]:
+    """The key filter and SVD engine of ``settings`` (the SVD methods' extra parameters)."""
     key_filter = settings.key_filter
     parameters: dict[str, Any] = {}
-    if settings.rank is not None:
-        parameters["rank"] = settings.rank
-    else:
-        parameters["rank_ratio"] = settings.rank_ratio
-    parameters["scale"] = settings.scale
     if key_filter.include is not None:
         parameters["include"] = [pattern.pattern for pattern in key_filter.include]
     parameters["exclude"] = [pattern.pattern for pattern in key_filter.exclude]
@@ -233,18 +256,20 @@ def settings_record(settings: MergeSettings) -> dict[str, Any]:
 
 
 def merge_record(
-    models: list[str], base_model: str | None, settings: MergeSettings, version: str | None = None
+    models: list[str], base_model: str | None, settings: MethodSettings, version: str | None = None
 ) -> dict[str, Any]:
-    """How a model was merged, as a config that :func:`parse_config` accepts."""
+    """How a model was merged, as a config that :func:`parse_config` accepts
+    (every parameter with its default resolved, so a rerun is identical)."""
     if version is None:
         from . import __version__ as version
-    record: dict[str, Any] = {"merge_method": "cart", "models": [{"model": str(model)} for model in models]}
+    spec, compute = settings.spec, settings.compute
+    record: dict[str, Any] = {"merge_method": spec.name, "models": [{"model": str(model)} for model in models]}
     if base_model is not None:
         record["base_model"] = str(base_model)
-    record["parameters"] = settings_record(settings)
-    record["dtype"] = dtype_name(settings.compute_dtype)
-    if settings.out_dtype is not None:
-        record["out_dtype"] = dtype_name(settings.out_dtype)
+    record["parameters"] = {**method_parameters(settings), **(engine_parameters(compute) if spec.uses_svd else {})}
+    record["dtype"] = dtype_name(compute.compute_dtype)
+    if compute.out_dtype is not None:
+        record["out_dtype"] = dtype_name(compute.out_dtype)
     record["lowrank_merge_version"] = version
     return record
 

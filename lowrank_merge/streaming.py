@@ -3,11 +3,14 @@
 :func:`merge_checkpoints` opens every input and checks it from the file
 headers (keys, shapes, dtypes, readable files), checks the output (exists?
 writable? room on disk?), and only then walks the tensors in the order they lie
-in the first model: read the T tensors of one name, :func:`~lowrank_merge.cart.merge_tensor`
-them, write the result into the pending output shard, drop everything. At any
-moment it holds the T input tensors of one name, the decomposition's work
-buffers and the one merged tensor being written; the result equals
-:func:`~lowrank_merge.cart_merge` on the same tensors exactly.
+in the first model: read the T tensors of one name (and the base's, for the
+methods that need it), merge them with the method's
+:func:`~lowrank_merge.merge_method_tensor`, write the result into the pending
+output shard, drop everything. At any moment it holds the input tensors of one
+name, the method's work buffers and the one merged tensor being written; the
+result equals :func:`~lowrank_merge.merge` on the same tensors exactly. A
+method with a whole-model pre-pass (TIES with ``trim="model"``) first streams
+the checkpoints the same way to collect its statistics.
 
 With a CUDA device, a background thread reads the next name's tensors into
 pinned memory and copies them to the GPU on a side stream while the current one
@@ -38,9 +41,10 @@ from .checkpoints import (
     open_checkpoint,
     small_files_to_copy,
 )
+from .cart import MergeSettings, TensorPlan, output_dtype, plan_tensor
 from .config import dtype_name, merge_record, record_yaml
 from .engines import sketch_width
-from .cart import MergeSettings, TensorPlan, merge_tensor, output_dtype, plan_tensor
+from .methods import MethodSettings, MethodSpec, TensorItem, check_base, merge_method_tensor, method_settings, prepare
 from .validation import TensorMeta, check_compatible
 
 PathLike = str | os.PathLike[str]
@@ -56,11 +60,14 @@ class CheckedInputs:
     #: The first model's tensors in on-disk order: the order of the merge.
     metas: dict[str, TensorMeta]
 
-    def layer_bytes(self, name: str) -> int:
-        return sum(reader.nbytes(name) for reader in self.readers)
+    def read_by(self, spec: MethodSpec) -> list[CheckpointReader]:
+        """The checkpoints a merge with ``spec`` reads: the T models, then the
+        base where the method needs it (otherwise the base is only checked)."""
+        return self.readers + ([self.base] if spec.needs_base else [])
 
-    def total_bytes(self) -> int:
-        return sum(reader.total_bytes() for reader in self.readers)
+    def total_bytes(self, spec: MethodSpec) -> int:
+        """Bytes one pass of a merge with ``spec`` reads."""
+        return sum(reader.total_bytes() for reader in self.read_by(spec))
 
 
 def open_models(models: Sequence[PathLike], base: PathLike | None = None) -> CheckedInputs:
@@ -77,7 +84,8 @@ def open_models(models: Sequence[PathLike], base: PathLike | None = None) -> Che
 
 
 def plan_merge(inputs: CheckedInputs, settings: MergeSettings) -> list[tuple[TensorPlan, TensorSpec]]:
-    """What happens to each tensor, and the output tensor it becomes."""
+    """CART's plan of each tensor (``settings``: a method's ``.compute``) and the
+    output tensor it becomes; the output tensors are the same for every method."""
     planned = []
     for name, meta in inputs.metas.items():
         plan = plan_tensor(name, meta, settings)
@@ -111,6 +119,9 @@ def estimate_flops(plan: TensorPlan, models: int, settings: MergeSettings) -> fl
 
 @dataclass
 class MergeResult:
+    """What :func:`merge_checkpoints` wrote; ``bytes_read`` counts every pass
+    over the inputs (a pre-pass included) and the base where it was read."""
+
     path: Path
     files: list[str]
     tensors: int
@@ -215,12 +226,13 @@ def iterate_layers(
 # ---------------------------------------------------------------------------
 
 
-def _progress_bar(enabled: bool, total: int, count: int):
+def _progress_bar(enabled: bool, total: int):
+    """A tqdm bar of bytes read per pass (None when not ``enabled``)."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"CART merge 0/{count}", dynamic_ncols=True)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
 
 
 def _config_json(data: bytes, out_dtype: torch.dtype | None) -> bytes:
@@ -244,7 +256,7 @@ def _config_json(data: bytes, out_dtype: torch.dtype | None) -> bytes:
 def merge_checkpoints(
     models: Sequence[PathLike],
     out: PathLike,
-    settings: MergeSettings | None = None,
+    settings: MethodSettings | None = None,
     *,
     base: PathLike | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
@@ -254,16 +266,19 @@ def merge_checkpoints(
     copy_files: bool = True,
     on_checked: Callable[[CheckedInputs], None] | None = None,
 ) -> MergeResult:
-    """Merge T checkpoints on disk with CART into ``out``, streaming.
+    """Merge T checkpoints on disk into ``out`` with any method, streaming.
 
     Args:
         models: T model folders or weight files (see
             :func:`~lowrank_merge.checkpoints.open_checkpoint`).
         out: output folder (Hugging Face layout; the first model's config and
             tokenizer files are copied) or a ``.safetensors`` file.
-        settings: :class:`~lowrank_merge.MergeSettings` (default: CART defaults).
-            ``settings.device`` picks where the math runs.
-        base: the pretrained model; checked for compatibility only.
+        settings: :func:`~lowrank_merge.method_settings` of the method
+            (default: CART with its defaults). ``settings.compute.device``
+            picks where the math runs.
+        base: the pretrained model: read by the methods that need it
+            (``settings.spec.needs_base``), checked for compatibility only by
+            the others.
         max_shard_size: bytes of tensor data per output shard.
         force: replace an existing ``out`` (only once the new one is complete).
         progress: show a tqdm bar (bytes read per second, ETA).
@@ -275,18 +290,21 @@ def merge_checkpoints(
     The output appears under ``out`` only when complete: on any error or
     interruption the temporary output is removed.
     """
-    settings = MergeSettings.create() if settings is None else settings
+    settings = method_settings("cart") if settings is None else settings
+    spec = settings.spec
+    check_base(spec, base)
     out = Path(out)
     model_paths = [os.fspath(path) for path in models] if not isinstance(models, (str, os.PathLike)) else []
     base_path = None if base is None else os.fspath(base)
     check_output_target(out, force=force, inputs=[Path(p) for p in model_paths + ([base_path] if base_path else [])])
-    device = resolve_device(settings.device)
+    compute = settings.compute
+    device = resolve_device(compute.device)
     inputs = open_models(model_paths, base_path)
-    planned = plan_merge(inputs, settings)
+    planned = plan_merge(inputs, compute)
     record = merge_record(model_paths, base_path, settings)
     metadata = {
         "format": "pt",
-        "merge_method": "cart",
+        "merge_method": spec.name,
         "merge_config": json.dumps(record, separators=(",", ":")),
         "lowrank_merge_version": record["lowrank_merge_version"],
     }
@@ -296,7 +314,7 @@ def merge_checkpoints(
         if copy_files and source is not None:
             for path in small_files_to_copy(source):
                 if path.name == "config.json":
-                    writer.add_file(path.name, _config_json(path.read_bytes(), settings.out_dtype))
+                    writer.add_file(path.name, _config_json(path.read_bytes(), compute.out_dtype))
                 else:
                     writer.add_file(path.name, path)
         writer.add_file("merge_config.yaml", record_yaml(record).encode("utf-8"))
@@ -304,28 +322,43 @@ def merge_checkpoints(
     if prefetch is None:
         prefetch = device.type == "cuda"
     names = list(inputs.metas)
-    total_read = inputs.total_bytes()
+    readers = inputs.read_by(spec)
+    tasks = len(inputs.readers)
+    bytes_read = 0
     bar = None
+
+    def tensor_items(stage: str) -> Iterator[TensorItem]:
+        """One pass over the checkpoints: ``(name, [T tensors], base tensor or None)``."""
+        nonlocal bytes_read
+        if bar is not None:
+            bar.set_description_str(f"{stage} 0/{len(names)}", refresh=False)
+            bar.reset()
+        for position, (name, tensors) in enumerate(iterate_layers(readers, names, device, prefetch)):
+            yield name, tensors[:tasks], tensors[tasks] if spec.needs_base else None
+            del tensors  # before the next read
+            layer_bytes = sum(reader.nbytes(name) for reader in readers)
+            bytes_read += layer_bytes
+            if bar is not None:
+                bar.set_description_str(f"{stage} {position + 1}/{len(names)}", refresh=False)
+                bar.update(layer_bytes)
+
     writer.start()  # the temporary output next to the target: proves it writable
     try:
         if on_checked is not None:
             on_checked(inputs)
-        bar = _progress_bar(progress, total_read, len(names))
+        bar = _progress_bar(progress, inputs.total_bytes(spec))
         started = time.perf_counter()
-        for position, (name, tensors) in enumerate(iterate_layers(inputs.readers, names, device, prefetch)):
+        settings = prepare(settings, lambda: tensor_items(f"{spec.name} pre-pass"), inputs.labels)
+        for name, tensors, base_tensor in tensor_items(f"{spec.name} merge"):
             try:
-                merged = merge_tensor(name, tensors, settings, inputs.labels)
+                merged = merge_method_tensor(name, tensors, base_tensor, settings, inputs.labels)
             except RuntimeError as error:  # most torch errors do not name the tensor
                 if repr(name) in str(error):
                     raise
                 raise RuntimeError(f"while merging tensor {name!r}: {error}") from error
-            layer_bytes = inputs.layer_bytes(name)
-            del tensors
+            del tensors, base_tensor
             writer.write(name, merged)
             del merged
-            if bar is not None:
-                bar.set_description_str(f"CART merge {position + 1}/{len(names)}", refresh=False)
-                bar.update(layer_bytes)
         writer.commit()
     finally:
         if not writer.committed:
@@ -334,7 +367,7 @@ def merge_checkpoints(
             bar.close()
     seconds = time.perf_counter() - started
     files = [out.name] if writer.single_file else sorted(os.listdir(out))
-    return MergeResult(out, files, len(names), total_read, writer.data_bytes, seconds)
+    return MergeResult(out, files, len(names), bytes_read, writer.data_bytes, seconds)
 
 
 # ---------------------------------------------------------------------------

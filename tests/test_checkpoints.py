@@ -257,7 +257,7 @@ def test_stale_partial_outputs_of_dead_processes_are_removed(tmp_path):
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_merge_checkpoints_equals_cart_merge(tmp_path, models, prefetch):
     paths = save_models(tmp_path, models, shards=2)
-    settings = lm.MergeSettings.create(rank=2, scale=1.5)
+    settings = lm.method_settings("cart", rank=2, scale=1.5)
     result = merge_checkpoints(paths, tmp_path / "out", settings, max_shard_size=3000, prefetch=prefetch)
     assert result.tensors == len(models[0])
     assert_same_state(load_output(tmp_path / "out"), lm.cart_merge(models, rank=2, scale=1.5))
@@ -268,7 +268,7 @@ def test_mixed_input_formats(tmp_path, models):
     a = save_model(tmp_path / "a", models[0], shards=2)
     b = save_model(tmp_path / "b", models[1], fmt="bin", shards=2, extras=False)
     torch.save(models[2], tmp_path / "c.pt")
-    merge_checkpoints([a, b, tmp_path / "c.pt"], tmp_path / "out.safetensors", lm.MergeSettings.create(svd="exact"))
+    merge_checkpoints([a, b, tmp_path / "c.pt"], tmp_path / "out.safetensors", lm.method_settings("cart", svd="exact"))
     assert_same_state(load_file(str(tmp_path / "out.safetensors")), lm.cart_merge(models, svd="exact"))
 
 
@@ -300,7 +300,7 @@ def test_checks_run_before_any_decomposition(tmp_path, models, forbid_decomposit
 
 def test_out_dtype_updates_config(tmp_path, models):
     paths = save_models(tmp_path, models)
-    merge_checkpoints(paths, tmp_path / "out", lm.MergeSettings.create(out_dtype=torch.bfloat16))
+    merge_checkpoints(paths, tmp_path / "out", lm.method_settings("cart", out_dtype=torch.bfloat16))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     merged = load_output(tmp_path / "out")
     assert merged["head.weight"].dtype == torch.bfloat16 and merged["position_ids"].dtype == torch.int64
@@ -324,7 +324,9 @@ def test_inspect_plan_groups_layers(tmp_path, models):
 
 
 def test_config_round_trip(tmp_path):
-    settings = lm.MergeSettings.create(rank=3, scale=1.25, svd="krylov", out_dtype=torch.float16, **lm.key_preset("reference"))
+    settings = lm.method_settings(
+        "cart", rank=3, scale=1.25, svd="krylov", out_dtype=torch.float16, **lm.key_preset("reference")
+    )
     record = merge_record(["a", "b"], "base", settings)
     again = parse_config(record).settings()
     assert again == settings
@@ -333,9 +335,9 @@ def test_config_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"merge_method": "ties"}, "merge_method 'ties' is not supported; supported methods: cart"),
+        ({"merge_method": "dare"}, "merge_method 'dare' is not supported; supported methods: cart, average"),
         ({"tokenizer_source": "base"}, "unknown key 'tokenizer_source'"),
-        ({"parameters": {"density": 0.5}}, "unknown parameter 'density'"),
+        ({"parameters": {"density": 0.5}}, "merge method 'cart' takes no parameter 'density'; its parameters: rank_ratio"),
         ({"parameters": {"rank": 4, "rank_ratio": 0.1}}, "either parameters.rank or parameters.rank_ratio"),
         ({"models": [{"model": "a", "parameters": {"weight": 1}}]}, "per-model parameters are not supported"),
         ({"models": []}, "models must be a non-empty list"),
@@ -356,7 +358,7 @@ def test_config_file_and_overrides(tmp_path):
     )
     config = load_config(path)
     assert config == MergeConfig(["a", "b"], "base", {"rank_ratio": 0.2, "scale": 1.5, "preset": "reference"})
-    settings = config.with_overrides(parameters={"rank": 7, "scale": None}).settings()
+    settings = config.with_overrides(parameters={"rank": 7, "scale": None}).settings().compute
     assert (settings.rank, settings.scale) == (7, 1.5)
     assert [p.pattern for p in settings.key_filter.include] == list(lm.REFERENCE_INCLUDE)
     path.write_text("merge_method: cart\nmodels: [a\n")

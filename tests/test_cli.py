@@ -153,9 +153,9 @@ def test_inspect(sharded, capsys):
 
 def test_progress_bar_only_when_asked(tmp_path, sharded, capsys):
     code, _, err = run(["merge", *sharded, "--out", tmp_path / "a"], capsys)
-    assert code == 0 and "CART merge" not in err  # stderr is not a terminal here
+    assert code == 0 and "cart merge" not in err  # stderr is not a terminal here
     code, _, err = run(["merge", *sharded, "--out", tmp_path / "b", "--progress"], capsys)
-    assert code == 0 and "CART merge 37/37" in err and "B/s]" in err
+    assert code == 0 and "cart merge 37/37" in err and "B/s]" in err
 
 
 # ---------------------------------------------------------------------------
@@ -308,10 +308,10 @@ def test_usage_errors(argv, message, capsys):
 def test_bad_parameters_and_config(tmp_path, sharded, capsys):
     code, _, err = run(["merge", *sharded, "--out", tmp_path / "o", "--rank-ratio", "1.5"], capsys)
     assert code == 1 and "rank_ratio must be in (0, 1]" in err
-    config = tmp_path / "ties.yaml"
-    config.write_text(f"merge_method: ties\nmodels: [{sharded[0]}, {sharded[1]}]\n")
+    config = tmp_path / "dare.yaml"
+    config.write_text(f"merge_method: dare\nmodels: [{sharded[0]}, {sharded[1]}]\n")
     code, _, err = run(["merge", "--config", config, tmp_path / "o"], capsys)
-    assert code == 1 and "supported methods: cart" in err
+    assert code == 1 and "supported methods: cart, average, task_arithmetic, ties" in err
     config.write_text(f"merge_method: cart\nmodels: [{sharded[0]}]\nslices: []\n")
     code, _, err = run(["merge", "--config", config, tmp_path / "o"], capsys)
     assert code == 1 and "unknown key 'slices'" in err
@@ -364,14 +364,14 @@ import sys, time
 import lowrank_merge.streaming as streaming
 from lowrank_merge.cli import main
 
-merge_tensor = streaming.merge_tensor
+merge_method_tensor = streaming.merge_method_tensor
 
 def slow_merge_tensor(*args, **kwargs):
     print("MERGING", flush=True)
     time.sleep(0.2)
-    return merge_tensor(*args, **kwargs)
+    return merge_method_tensor(*args, **kwargs)
 
-streaming.merge_tensor = slow_merge_tensor
+streaming.merge_method_tensor = slow_merge_tensor
 sys.exit(main(sys.argv[1:]))
 """
 
