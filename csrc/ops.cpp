@@ -8,7 +8,6 @@
 // The CUDA kernels of the same ops live in csrc/cuda/ and are registered there.
 #include <Python.h>
 
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "low_rank.h"
@@ -16,32 +15,15 @@
 namespace lowrank_merge {
 namespace {
 
-// One pass over the T inputs: for each element, read its T values, write their
-// mean and the T centered values. stack is [T, m, n], contiguous.
-template <typename scalar_t>
-void average_and_center_kernel(
-    const scalar_t* stack, scalar_t* average, scalar_t* centered, int64_t tasks, int64_t size) {
-  at::parallel_for(0, size, /*grain_size=*/4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      scalar_t sum = 0;
-      for (int64_t t = 0; t < tasks; ++t) sum += stack[t * size + i];
-      const scalar_t mean = sum / static_cast<scalar_t>(tasks);
-      average[i] = mean;
-      for (int64_t t = 0; t < tasks; ++t) centered[t * size + i] = stack[t * size + i] - mean;
-    }
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor> average_and_center_cpu(const at::Tensor& stack_in) {
-  auto stack = stack_in.contiguous();
-  auto average = at::empty({stack.size(1), stack.size(2)}, stack.options());
-  auto centered = at::empty_like(stack);
-  AT_DISPATCH_FLOATING_TYPES(stack.scalar_type(), "average_and_center_cpu", [&] {
-    average_and_center_kernel<scalar_t>(
-        stack.const_data_ptr<scalar_t>(), average.mutable_data_ptr<scalar_t>(),
-        centered.mutable_data_ptr<scalar_t>(), stack.size(0), average.numel());
-  });
-  return {average, centered};
+// Average [m, n] and centered stack [T, m, n] of a stack [T, m, n].
+// On the CPU this is ATen's vectorised mean and subtraction: two passes, but
+// measured twice as fast (33 vs 70 ms for 8 x 3072 x 768 fp32 on 2 cores) as
+// a fused one-pass loop compiled for the baseline x86-64 ISA, because ATen's
+// kernels are dispatched to AVX2/AVX-512. The GPU path fuses both into one
+// kernel (csrc/cuda/average_and_center.cu), where the pass count matters.
+std::tuple<at::Tensor, at::Tensor> average_and_center_cpu(const at::Tensor& stack) {
+  auto average = stack.mean(0);
+  return {average, stack - average};
 }
 
 Factors low_rank_factors_cpu(

@@ -29,7 +29,8 @@ DEFAULT_RANK_RATIO = 0.08
 #: use 1.5–2.0 for vision and 1.3–1.6 for language models.
 DEFAULT_SCALE = 2.0
 #: Power (or Krylov) iterations of the sketch engines: 2 keeps the residual
-#: within 1 % of the optimal rank-k residual on slowly decaying spectra.
+#: within 2 % of the optimal rank-k residual on slowly decaying spectra
+#: (0.1–1.6 % measured, benchmarks/results/engines_cpu_2026-11-23.md).
 DEFAULT_NITER = 2
 #: Extra sketch columns beyond k: 10 for subspace iteration (Halko et al.),
 #: none for block Krylov, whose extra blocks already widen the space.

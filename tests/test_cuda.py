@@ -3,9 +3,10 @@
 Every test here needs a CUDA GPU and a ``lowrank_merge._C`` built with its CUDA
 kernels; elsewhere the whole module is skipped. What they check:
 
-* the centering kernel gives the CPU kernel's average bit for bit (both sum in
-  task order and divide by T), on the vectorised and the scalar path, for every
-  register-cache size of the kernel (T <= 8, <= 16, <= 32, more);
+* the centering kernel gives the CPU's average to rounding (it sums in task
+  order and divides by T; the CPU uses ATen's mean, whose summation order can
+  differ), on the vectorised and the scalar path, for every register-cache size
+  of the kernel (T <= 8, <= 16, <= 32, more);
 * every engine on CUDA against a float64 dense-SVD reference (exact engine) or
   within 1 % of the optimal rank-k residual (sketch engines), and against the
   CPU kernels with the same sketch omega;
@@ -131,8 +132,8 @@ def test_average_is_bitwise_the_cpu_kernels(dtype, T, shape):
     stack = task_stack(T, *shape, seed=T).to(dtype)
     average_cpu, _ = ops.centered_low_rank_sum(stack, 1, "exact", 0, None)
     average_cuda, _ = ops.centered_low_rank_sum(stack.to(CUDA), 1, "exact", 0, None)
-    # Same summation order, an IEEE division by T: equal bit for bit.
-    assert torch.equal(average_cuda.cpu(), average_cpu)
+    # A sum of T terms in another order differs by at most ~T ulps.
+    assert rel(average_cuda, average_cpu) <= T * EPS[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -145,11 +146,11 @@ def test_average_of_misaligned_and_strided_stacks(dtype):
     misaligned = storage[1:].view(T, m, n)
     misaligned.copy_(stack)
     average, _ = ops.centered_low_rank_sum(misaligned, 1, "exact", 0, None)
-    assert torch.equal(average.cpu(), expected)
+    assert rel(average, expected) <= T * EPS[dtype]
     # A transposed (non-contiguous) stack is made contiguous first.
     transposed = stack.transpose(1, 2).contiguous().to(CUDA).transpose(1, 2)
     average, _ = ops.centered_low_rank_sum(transposed, 1, "exact", 0, None)
-    assert torch.equal(average.cpu(), expected)
+    assert rel(average, expected) <= T * EPS[dtype]
 
 
 # ---------------------------------------------------------------------------
@@ -198,7 +199,7 @@ def test_cuda_agrees_with_cpu_for_the_same_omega(dtype, engine, shape):
     average_cuda, delta_cuda = ops.centered_low_rank_sum(
         stack.to(CUDA), k, engine, 2, None if omega is None else omega.to(CUDA)
     )
-    assert torch.equal(average_cuda.cpu(), average_cpu)
+    assert rel(average_cuda, average_cpu) <= T * EPS[dtype]
     # Same omega, same products: the two paths differ only in the orthonormaliser
     # (the same span) and the small SVD (the same truncation), i.e. by rounding.
     assert rel(delta_cuda, delta_cpu) <= (1e-9 if dtype == torch.float64 else 2e-4)

@@ -24,11 +24,11 @@ struct alignas(sizeof(scalar_t) * kVec) Pack {
 // kCache == 0 (any T): the second loop reads the inputs again; those reads are
 // recent and mostly hit L2.
 //
-// The arithmetic is the CPU kernel's (csrc/ops.cpp): sum = 0, then sum += x_t in
-// task order, mean = sum / T (an IEEE division, not a multiplication by 1/T;
-// nvcc keeps '/' correctly rounded unless -use_fast_math or -prec-div=false),
-// centered = x_t - mean. No multiply-add can be contracted here, so the results
-// are bit-identical to the CPU's.
+// The arithmetic: sum = 0, then sum += x_t in task order, mean = sum / T (an
+// IEEE division, not a multiplication by 1/T; nvcc keeps '/' correctly rounded
+// unless -use_fast_math or -prec-div=false), centered = x_t - mean. It agrees
+// with the CPU's ATen mean (csrc/ops.cpp) to rounding: ATen may sum in another
+// order.
 template <typename scalar_t, int kVec, int kCache>
 __global__ void __launch_bounds__(kThreads) average_and_center_kernel(
     const scalar_t* __restrict__ stack, scalar_t* __restrict__ average, scalar_t* __restrict__ centered,

@@ -11,8 +11,8 @@ namespace lowrank_merge {
 
 // One pass over a contiguous stack [T, m, n] of `size` = m * n elements per
 // matrix: average[i] = (sum over t in task order of stack[t][i]) / T and
-// centered[t][i] = stack[t][i] - average[i], in the input precision, exactly
-// as the CPU kernel in csrc/ops.cpp computes them (bit-identical results).
+// centered[t][i] = stack[t][i] - average[i], in the input precision (equal to
+// the CPU's ATen mean and subtraction up to the order of the T additions).
 // Launched on `stream`; returns cudaGetLastError() after the launch. Uses
 // 16-byte loads and stores when size is a multiple of 16 / sizeof(scalar_t)
 // and the three pointers are 16-byte aligned. Instantiated for float and double.
