@@ -89,7 +89,8 @@ class CheckpointError(ValueError):
     message names the model (or output) and, where there is one, the tensor."""
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (for one-line CLI errors)."""
     return " ".join(str(error).split()) or type(error).__name__
 
 
@@ -145,7 +146,7 @@ class CheckpointReader:
         except CheckpointError:
             raise
         except Exception as error:
-            raise CheckpointError(f"{self.label}: cannot read tensor {name!r} from {file}: {_one_line(error)}") from error
+            raise CheckpointError(f"{self.label}: cannot read tensor {name!r} from {file}: {one_line(error)}") from error
         meta = self._metas[name]
         if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
             raise CheckpointError(
@@ -210,10 +211,10 @@ class SafetensorsReader(CheckpointReader):
         except CheckpointError:
             raise
         except OSError as error:
-            raise CheckpointError(f"{self.label}: cannot read {file}: {error.strerror or _one_line(error)}") from error
+            raise CheckpointError(f"{self.label}: cannot read {file}: {error.strerror or one_line(error)}") from error
         except Exception as error:
             raise CheckpointError(
-                f"{self.label}: {file} is not a valid safetensors file ({_one_line(error)})"
+                f"{self.label}: {file} is not a valid safetensors file ({one_line(error)})"
             ) from error
         return list(keys), metas
 
@@ -278,9 +279,9 @@ class TorchReader(CheckpointReader):
             if not self._mappable[file]:
                 obj = torch.load(str(file), map_location="cpu", weights_only=True)
         except OSError as error:
-            raise CheckpointError(f"{self.label}: cannot read {file}: {error.strerror or _one_line(error)}") from error
+            raise CheckpointError(f"{self.label}: cannot read {file}: {error.strerror or one_line(error)}") from error
         except Exception as error:
-            message = _one_line(error)
+            message = one_line(error)
             if "weights_only" in message or "Unsupported global" in message:
                 raise CheckpointError(
                     f"{self.label}: {file} holds Python objects that torch.load(weights_only=True) refuses to "
@@ -322,9 +323,9 @@ def _read_index(index_path: Path, label: str) -> dict[str, Path]:
     try:
         data = json.loads(index_path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise CheckpointError(f"{label}: cannot read {index_path}: {error.strerror or _one_line(error)}") from error
+        raise CheckpointError(f"{label}: cannot read {index_path}: {error.strerror or one_line(error)}") from error
     except ValueError as error:
-        raise CheckpointError(f"{label}: {index_path} is not valid JSON ({_one_line(error)})") from error
+        raise CheckpointError(f"{label}: {index_path} is not valid JSON ({one_line(error)})") from error
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -636,7 +637,7 @@ class ShardedWriter:
         try:
             free = shutil.disk_usage(self.target.parent).free
         except OSError as error:
-            raise CheckpointError(f"cannot check free space for {self.target}: {_one_line(error)}") from error
+            raise CheckpointError(f"cannot check free space for {self.target}: {one_line(error)}") from error
         needed = self.required_bytes()
         if free < needed:
             raise CheckpointError(
@@ -668,7 +669,7 @@ class ShardedWriter:
                 (tmp / _PARTIAL_MARKER).write_text(f"{os.getpid()}\n", encoding="utf-8")
         except OSError as error:
             self.abort()
-            raise CheckpointError(f"cannot write {self.target}: {error.strerror or _one_line(error)}") from error
+            raise CheckpointError(f"cannot write {self.target}: {error.strerror or one_line(error)}") from error
 
     def abort(self) -> None:
         """Remove everything written so far."""
@@ -711,7 +712,7 @@ class ShardedWriter:
             if self._position == len(self._order) or self._order[self._position][0] != shard_index:
                 self._close_shard()
         except OSError as error:
-            raise CheckpointError(f"cannot write {self.target}: {error.strerror or _one_line(error)}") from error
+            raise CheckpointError(f"cannot write {self.target}: {error.strerror or one_line(error)}") from error
 
     def _shard_path(self, index: int) -> Path:
         return self._tmp if self.single_file else self._tmp / self.shard_names[index]
@@ -760,7 +761,7 @@ class ShardedWriter:
                 (self._tmp / _PARTIAL_MARKER).unlink()
             self._move_into_place()
         except OSError as error:
-            raise CheckpointError(f"cannot write {self.target}: {error.strerror or _one_line(error)}") from error
+            raise CheckpointError(f"cannot write {self.target}: {error.strerror or one_line(error)}") from error
         self.committed = True
         self._tmp = None
         return self.target

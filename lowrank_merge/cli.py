@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 
 from . import __version__
-from .checkpoints import DEFAULT_MAX_SHARD_SIZE, format_size, parse_size
+from .checkpoints import DEFAULT_MAX_SHARD_SIZE, format_size, one_line, parse_size
 from .config import COMPUTE_DTYPES, OUT_DTYPES, MergeConfig, dtype_name, load_config, method_parameters
 from .methods import METHODS, TRIM_CHOICES, MethodSpec
 from .selection import KEY_PRESETS
@@ -306,10 +306,6 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -333,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         known = isinstance(error, (ValueError, TypeError, OSError))
         prefix = "" if known else f"{type(error).__name__}: "
         hint = "" if known or args.verbose else " (run with --verbose for the traceback)"
-        _say(f"error: {prefix}{_one_line(error)}{hint}")
+        _say(f"error: {prefix}{one_line(error)}{hint}")
         return 1
 
 
