@@ -7,6 +7,8 @@ arXiv 2412.12153): θ = θ_avg + λ · Σ_t SVD_k(θ_t − θ_avg) for each sele
 ``lowrank_merge.merge(models, method=..., base=None, **params)`` runs CART or a
 baseline (``average``, ``task_arithmetic``, ``ties``, ``tsv``, ``iso_c``,
 ``iso_cts``) through one API; see :mod:`lowrank_merge.methods`.
+``lowrank_merge.tune(models, evaluate, ...)`` grid-searches CART's rank ratio
+and λ on a validation score for about the cost of one merge.
 """
 
 from ._ops import extension_available
@@ -37,6 +39,7 @@ from .methods import (
     prepare,
 )
 from .selection import DEFAULT_EXCLUDE, KEY_PRESETS, REFERENCE_EXCLUDE, REFERENCE_INCLUDE, key_preset, rank_for
+from .tuning import DEFAULT_TUNE_RANK_RATIOS, DEFAULT_TUNE_SCALES, TuneResult, tune
 
 
 __version__ = "0.1.0"
@@ -46,6 +49,8 @@ __all__ = [
     "DEFAULT_NITER",
     "DEFAULT_RANK_RATIO",
     "DEFAULT_SCALE",
+    "DEFAULT_TUNE_RANK_RATIOS",
+    "DEFAULT_TUNE_SCALES",
     "ENGINES",
     "KEY_PRESETS",
     "METHODS",
@@ -55,6 +60,7 @@ __all__ = [
     "MergeSettings",
     "MethodSettings",
     "MethodSpec",
+    "TuneResult",
     "cart_decompose",
     "cart_layer",
     "cart_layer_parts",
@@ -71,4 +77,5 @@ __all__ = [
     "plan_tensor",
     "prepare",
     "rank_for",
+    "tune",
 ]

@@ -12,14 +12,16 @@ give the same result.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from . import _ops
-from .engines import SKETCH_ENGINES, gaussian_sketch, sketch_width
+from .engines import SKETCH_ENGINES, average_and_center, gaussian_sketch, sketch_width, sum_of_reconstructions
 from .selection import KeyFilter, rank_for
 from .validation import TensorMeta, check_compatible, check_merge_parameters, check_scale, check_tensor_values
 
@@ -41,6 +43,10 @@ AUTO_ENGINE = "randomized"
 
 StateDict = Mapping[str, Tensor]
 ModelLike = StateDict | nn.Module
+#: Top-k SVD factors of a centered stack: ``U [T, m, k]``, ``S [T, k]``, ``Vh [T, k, n]``.
+Factors = tuple[Tensor, Tensor, Tensor]
+_Part = TypeVar("_Part")
+_Item = TypeVar("_Item")
 
 
 @dataclass(frozen=True)
@@ -155,26 +161,91 @@ def cart_layer_parts(
     return _layer_parts(stack.to(compute_dtype), min(k, *stack.shape[-2:]), settings)
 
 
-def _layer_parts(
-    stack: Tensor, k: int, settings: MergeSettings, name: str | None = None
-) -> tuple[Tensor, Tensor | None]:
-    """``(average, delta)``; ``delta`` is None where it is zero by identity."""
-    T, m, n = stack.shape
-    # With one model, or at full rank, Σ_t τ̄_t = 0 exactly: skip the work.
-    if T == 1 or k >= min(m, n):
-        return stack.mean(dim=0), None
+def _delta_is_zero(shape: Sequence[int], k: int) -> bool:
+    """With one model, or at full rank, Σ_t τ̄_t = 0 exactly: the work is skipped."""
+    T, m, n = shape
+    return T == 1 or k >= min(m, n)
+
+
+@contextmanager
+def _reporting_out_of_memory(stack: Tensor, k: int, settings: MergeSettings, name: str | None) -> Iterator[None]:
+    """Re-raise a CUDA out-of-memory error with the layer, its sizes and what to try."""
     try:
-        omega = _sketch_for(stack, k, settings.svd, settings.oversample, settings.seed)
-        return _ops.centered_low_rank_sum(stack, k, settings.svd, settings.niter, omega)
+        yield
     except torch.OutOfMemoryError as error:
         if stack.device.type != "cuda":
             raise
+        T, m, n = stack.shape
         layer = f"layer {name!r}" if name is not None else "a layer"
         raise torch.OutOfMemoryError(
             f"lowrank_merge: out of GPU memory merging {layer} (T={T} tasks of {m} x {n}, k={k}, "
             f"svd={settings.svd!r}, {stack.dtype}). Free GPU memory, lower the rank, "
             f"or merge on the CPU (device='cpu'). {error}"
         ) from error
+
+
+def _per_layer(
+    op: Callable[[Tensor, int, str, int, Tensor | None], tuple[Tensor, _Part]],
+    stack: Tensor,
+    k: int,
+    settings: MergeSettings,
+    name: str | None,
+) -> tuple[Tensor, _Part | None]:
+    """``op(stack, k, engine, niter, omega)`` with the merge's seeded sketch, or
+    ``(average, None)`` where the delta is zero by identity."""
+    if _delta_is_zero(stack.shape, k):
+        return stack.mean(dim=0), None
+    with _reporting_out_of_memory(stack, k, settings, name):
+        omega = _sketch_for(stack, k, settings.svd, settings.oversample, settings.seed)
+        return op(stack, k, settings.svd, settings.niter, omega)
+
+
+def _centered_factors(stack: Tensor, k: int, engine: str, niter: int, omega: Tensor | None) -> tuple[Tensor, Factors]:
+    """``(average, (U, S, Vh))``: the steps of ``centered_low_rank_sum`` but the
+    last, the sum. The centering is the CPU kernel's (mean, then subtract)."""
+    average, centered = average_and_center(stack)
+    return average, _ops.low_rank_factors(centered, k, engine, niter, omega)
+
+
+def _layer_parts(
+    stack: Tensor, k: int, settings: MergeSettings, name: str | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """``(average, delta)``; ``delta`` is None where it is zero by identity."""
+    return _per_layer(_ops.centered_low_rank_sum, stack, k, settings, name)
+
+
+def _layer_factors(
+    stack: Tensor, k: int, settings: MergeSettings, name: str | None = None
+) -> tuple[Tensor, Factors | None]:
+    """``(average, (U, S, Vh))``: the rank-k factors that :func:`_layer_parts` sums.
+
+    The same centering, engine and seeded sketch, so that
+    ``low_rank_sum(factors, j)`` gives the delta at every rank ``j <= k``
+    (for ``j = k`` the delta of ``_layer_parts``). Factors are None where the
+    delta is zero by identity.
+    """
+    return _per_layer(_centered_factors, stack, k, settings, name)
+
+
+@torch.no_grad()
+def low_rank_sum(factors: Factors | None, k: int, start: int = 0) -> Tensor | None:
+    """``Σ_t Σ_{start <= i < k} S_t[i] · U_t[:, i] Vh_t[i, :]`` ``[m, n]`` from rank-K factors.
+
+    ``factors``: ``U [T, m, K]``, ``S [T, K]``, ``Vh [T, K, n]`` (descending
+    ``S``), as :func:`tensor_factors` returns them; ``0 <= start < k <= K``.
+    With ``start = 0`` this is the low-rank sum of a merge at rank k (the
+    first k factors are the rank-k truncation); with ``start = j`` it is what
+    rank k adds to the sum at rank j. None (a zero delta, by identity) for
+    None factors and for ``k >= min(m, n)``, as in a merge at full rank.
+    """
+    if factors is None:
+        return None
+    U, S, Vh = factors
+    if _delta_is_zero((U.shape[0], U.shape[-2], Vh.shape[-1]), k):
+        return None
+    if not 0 <= start < k <= S.shape[-1]:
+        raise ValueError(f"need 0 <= start < k <= {S.shape[-1]} (the rank of the factors), got start={start}, k={k}")
+    return sum_of_reconstructions(U[..., start:k], S[..., start:k], Vh[..., start:k, :])
 
 
 @torch.no_grad()
@@ -259,6 +330,20 @@ def _stack(tensors: Sequence[Tensor], settings: MergeSettings) -> Tensor:
     return stack
 
 
+def _tensor_parts(
+    plan: TensorPlan,
+    tensors: Sequence[Tensor],
+    settings: MergeSettings,
+    layer: Callable[[Tensor, int, MergeSettings, str], tuple[Tensor, _Part | None]],
+) -> tuple[Tensor, _Part | None]:
+    if plan.action == "copy":
+        return tensors[0], None
+    stack = _stack(tensors, settings)
+    if plan.action == "average":
+        return stack.mean(dim=0), None
+    return layer(stack, plan.rank, settings, plan.name)
+
+
 @torch.no_grad()
 def tensor_parts(
     plan: TensorPlan, tensors: Sequence[Tensor], settings: MergeSettings
@@ -268,12 +353,17 @@ def tensor_parts(
     For ``copy`` tensors the "average" is the first model's tensor itself and
     ``delta`` is None; for ``average`` tensors ``delta`` is None.
     """
-    if plan.action == "copy":
-        return tensors[0], None
-    stack = _stack(tensors, settings)
-    if plan.action == "average":
-        return stack.mean(dim=0), None
-    return _layer_parts(stack, plan.rank, settings, plan.name)
+    return _tensor_parts(plan, tensors, settings, _layer_parts)
+
+
+@torch.no_grad()
+def tensor_factors(
+    plan: TensorPlan, tensors: Sequence[Tensor], settings: MergeSettings
+) -> tuple[Tensor, Factors | None]:
+    """``(average, factors)`` of one tensor name: :func:`tensor_parts` with the
+    delta left as its rank-``plan.rank`` :data:`Factors` (None where there is
+    no delta), to be summed at any smaller rank by :func:`low_rank_sum`."""
+    return _tensor_parts(plan, tensors, settings, _layer_factors)
 
 
 def output_dtype(plan: TensorPlan, first: Tensor, settings: MergeSettings) -> torch.dtype:
@@ -288,8 +378,11 @@ def combine_parts(
     average: Tensor, delta: Tensor | None, scale: float, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     """A fresh tensor ``average + scale * delta`` in ``dtype`` on ``device``."""
-    merged = average if delta is None or scale == 0 else average + scale * delta
-    return merged.to(device=device, dtype=dtype, copy=True)
+    if delta is None or scale == 0:
+        return average.to(device=device, dtype=dtype, copy=True)
+    # The same two roundings as ``average + scale * delta``, in one new tensor
+    # and two passes (``tune`` runs this once per grid point over the model).
+    return (delta * scale).add_(average).to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
@@ -348,12 +441,12 @@ def _check_all_values(state_dicts: Sequence[StateDict], labels: Sequence[str]) -
         check_tensor_values(name, [sd[name] for sd in state_dicts], labels)
 
 
-def _progress(names: Sequence[str], enabled: bool, description: str) -> Iterable[str]:
+def _progress(names: Sequence[_Item], enabled: bool, description: str, unit: str = "tensor") -> Iterable[_Item]:
     if not enabled:
         return names
     from tqdm.auto import tqdm
 
-    return tqdm(names, desc=description, unit="tensor")
+    return tqdm(names, desc=description, unit=unit)
 
 
 def cart_merge(
@@ -459,10 +552,24 @@ def cart_decompose(
     merge_settings = MergeSettings.create(**settings)
     state_dicts, labels = prepare_models(models, base)
     _check_all_values(state_dicts, labels)
+    plans = {name: plan_tensor(name, TensorMeta.of(tensor), merge_settings) for name, tensor in state_dicts[0].items()}
+    return CartDeltas(*decompose_models(state_dicts, plans, merge_settings, tensor_parts, progress, "CART decompose"))
+
+
+def decompose_models(
+    state_dicts: Sequence[StateDict],
+    plans: Mapping[str, TensorPlan],
+    settings: MergeSettings,
+    parts_of: Callable[[TensorPlan, Sequence[Tensor], MergeSettings], tuple[Tensor, _Part | None]],
+    progress: bool = False,
+    description: str = "CART decompose",
+) -> tuple[dict[str, tuple[Tensor, _Part | None]], dict[str, tuple[torch.dtype, torch.device]]]:
+    """``parts_of(plans[name], tensors, settings)`` for every tensor name of
+    checked ``state_dicts`` (``tensor_parts`` or ``tensor_factors``), and the
+    output ``(dtype, device)`` of each name."""
     parts, layouts = {}, {}
-    for name in _progress(list(state_dicts[0]), progress, "CART decompose"):
+    for name in _progress(list(state_dicts[0]), progress, description):
         tensors = [sd[name] for sd in state_dicts]
-        plan = plan_tensor(name, TensorMeta.of(tensors[0]), merge_settings)
-        parts[name] = tensor_parts(plan, tensors, merge_settings)
-        layouts[name] = (output_dtype(plan, tensors[0], merge_settings), tensors[0].device)
-    return CartDeltas(parts, layouts)
+        parts[name] = parts_of(plans[name], tensors, settings)
+        layouts[name] = (output_dtype(plans[name], tensors[0], settings), tensors[0].device)
+    return parts, layouts
