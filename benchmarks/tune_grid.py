@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import sys
 import time
 from dataclasses import replace
