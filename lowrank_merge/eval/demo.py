@@ -50,6 +50,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--cache-dir", metavar="DIR", help="where trained task models are kept (default ~/.cache/lowrank_merge/eval)")
     cache.add_argument("--no-cache", action="store_true", help="train everything afresh and keep nothing")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: all cores)")
+    parser.add_argument("--workers", type=int, metavar="N", help="processes that train task models (default: one per core)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
 
@@ -90,6 +91,8 @@ def run_demo(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
@@ -100,7 +103,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
 
-    result = run_benchmark(config, cache_dir=cache_dir, progress=progress)
+    result = run_benchmark(config, cache_dir=cache_dir, progress=progress, workers=args.workers)
     report = markdown_report(result)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(report)

@@ -37,10 +37,13 @@ def markdown_report(result: BenchmarkResult) -> str:
             if point
         )
         lines.append(f"- seed {seed.seed}: {chosen}")
-    lines += ["", "Seconds per seed (task models are cached; a second run only merges and scores):", ""]
+    lines += ["", "Seconds per seed spent merging and scoring, by method:", ""]
     for seed in result.seeds:
         lines.append(f"- seed {seed.seed}: " + ", ".join(f"{k} {v:.1f}" for k, v in seed.seconds.items()))
-    lines.append(f"\nTotal: {result.seconds_total:.1f} s.")
+    lines.append(
+        f"\nTotal: {result.seconds_total:.1f} s, of which {result.seconds_training:.1f} s pretraining and "
+        "fine-tuning (near 0 when every model is cached)."
+    )
     return "\n".join(lines) + "\n"
 
 

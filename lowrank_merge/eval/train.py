@@ -27,12 +27,12 @@ StateDict = dict[str, Tensor]
 class TrainingConfig:
     pretrain_per_class: int = 150
     pretrain_strength: float = 0.3  # milder distortion than the tasks': they are a shift away
-    pretrain_steps: int = 600
+    pretrain_steps: int = 500
     pretrain_lr: float = 2e-3
     pretrain_batch_size: int = 128
     head_steps: int = 100
     head_lr: float = 1e-2
-    finetune_steps: int = 200
+    finetune_steps: int = 150
     finetune_lr: float = 5e-4
     batch_size: int = 64
     weight_decay: float = 0.05
