@@ -194,9 +194,13 @@ class ModelCache:
 def _pretrained(config: BenchmarkConfig, cache: ModelCache) -> StateDict:
     key = {"kind": "pretrained", "model": config.model.as_dict(), "training": config.training.as_dict(),
            "seed": PRETRAIN_SEED}
-    corpus = lambda: pretraining_corpus(config.training.pretrain_per_class, PRETRAIN_SEED,  # noqa: E731
-                                        config.training.pretrain_strength)
-    return cache.load_or_make(key, lambda: pretrain(corpus(), config.model, config.training, PRETRAIN_SEED))
+
+    def make() -> StateDict:
+        training = config.training
+        corpus = pretraining_corpus(training.pretrain_per_class, PRETRAIN_SEED, training.pretrain_strength)
+        return pretrain(corpus, config.model, training, PRETRAIN_SEED)
+
+    return cache.load_or_make(key, make)
 
 
 def _task_key(task_name: str, seed: int, config: BenchmarkConfig) -> dict:
