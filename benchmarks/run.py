@@ -83,7 +83,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lowrank_merge as lm  # noqa: E402
 from lowrank_merge import engines  # noqa: E402
-from lowrank_merge.cart import AUTO_ENGINE, DEFAULT_NITER, DEFAULT_OVERSAMPLE  # noqa: E402
+from lowrank_merge.cart import ACCURATE_NITER, DEFAULT_NITER, DEFAULT_OVERSAMPLE  # noqa: E402
 from lowrank_merge.selection import KeyFilter  # noqa: E402
 from gpu_merge import (  # noqa: E402
     CASES as GPU_CASES,
@@ -487,7 +487,7 @@ def tables(report: dict) -> list[str]:
             header = ["method", "time", "speed-up vs reference", memory, "rel. error vs float64", "x floor"]
             lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             for name, entry in total["methods"].items():
-                label = name + (" (default)" if name == f"ours:{AUTO_ENGINE}" else "")
+                label = name + (" (default)" if name == "ours:auto" else "")
                 seconds = _fmt_seconds(entry["seconds"]) + (f" ({entry['extrapolated']})" if entry.get("extrapolated") else "")
                 cells = [
                     label,
@@ -522,7 +522,9 @@ def header_lines(report: dict) -> list[str]:
         f"torch {report['torch']} · python {report['python']} · load average at start {report['load_average']}",
         f"measured sgemm {report['sgemm_gflops']:.1f} GFLOP/s ({report['sgemm_size']}³ fp32), "
         f"copy bandwidth {report['copy_gbps']:.1f} GB/s (read + write)",
-        f"engines: niter {DEFAULT_NITER}, oversample {DEFAULT_OVERSAMPLE}; default engine {AUTO_ENGINE}",
+        f"engines: randomized/krylov niter {DEFAULT_NITER}, oversample {DEFAULT_OVERSAMPLE}; "
+        f"gram_subspace and auto (the default: per layer the cheaper of gram_subspace and randomized) "
+        f"niter {ACCURATE_NITER}, oversample max(10, k // 2)",
     ]
 
 
@@ -532,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="", help="regex on case names (default: all)")
     parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     parser.add_argument("--tasks", type=int, help="override every case's number of tasks")
-    parser.add_argument("--engines", default=",".join(engines.ENGINES), help="comma-separated lowrank_merge engines")
+    parser.add_argument("--engines", default=",".join(("auto", *engines.ENGINES)),
+                        help="comma-separated lowrank_merge engines ('auto' is the default engine)")
     parser.add_argument("--skip-reference", action="store_true",
                         help="time the reference path on one task and multiply by T (errors of the reference itself n/a)")
     parser.add_argument("--error-max-weights", type=int, default=4096 * 1024,
@@ -547,8 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
     args.engines = [e for e in args.engines.split(",") if e]
     for engine in args.engines:
-        if engine not in engines.ENGINES:
-            parser.error(f"unknown engine {engine!r}; choose from {engines.ENGINES}")
+        if engine not in ("auto", *engines.ENGINES):
+            parser.error(f"unknown engine {engine!r}; choose from auto, {', '.join(engines.ENGINES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.stream_models, args.stream_shape = (4, (8, 256)) if args.quick else (4, (24, 1024))
@@ -564,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "load_average": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
         "quick": args.quick, "sgemm_size": sgemm_size,
         "sgemm_gflops": rates["sgemm_flops"] / 1e9, "copy_gbps": rates["copy_bytes"] / 1e9,
-        "ratios": args.ratios, "engines": args.engines, "default_engine": AUTO_ENGINE,
+        "ratios": args.ratios, "engines": args.engines, "default_engine": "auto",
         "skip_reference": args.skip_reference, "error_max_weights": args.error_max_weights,
         "memory_measure": "torch.cuda.max_memory_allocated above the allocated bytes before the call"
         if device.type == "cuda" else "peak RSS above the RSS before the call, sampled from /proc/self/statm every 1 ms",

@@ -37,8 +37,8 @@ struct EngineSteps {
 };
 
 // Top-k factors U [..., m, k], S [..., k], Vh [..., k, n] of A [..., m, n].
-// engine: "exact", "randomized", "krylov" or "gram"; omega [n, l] is the shared
-// Gaussian sketch needed by the two sketch engines. steps: see EngineSteps.
+// engine: "exact", "randomized", "krylov", "gram" or "gram_subspace"; omega [n, l]
+// is the shared Gaussian sketch needed by the three sketch engines. steps: see EngineSteps.
 Factors low_rank_factors_generic(
     const at::Tensor& A, int64_t k, const std::string& engine, int64_t niter,
     const std::optional<at::Tensor>& omega, const EngineSteps& steps = EngineSteps{});

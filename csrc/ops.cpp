@@ -5,11 +5,16 @@
 // lowrank_merge::centered_low_rank_sum(Tensor stack, int k, str engine, int niter, Tensor? omega)
 //     -> (Tensor average, Tensor delta)
 //
+// and one private op for the tests:
+//
+// lowrank_merge::_cholesky_qr2(Tensor Y) -> (Tensor Q, Tensor fell_back)
+//
 // The CUDA kernels of the same ops live in csrc/cuda/ and are registered there.
 #include <Python.h>
 
 #include <torch/library.h>
 
+#include "batched_steps.h"
 #include "low_rank.h"
 
 namespace lowrank_merge {
@@ -44,16 +49,29 @@ std::tuple<at::Tensor, at::Tensor> centered_low_rank_sum_cpu(
   return {average, sum_of_reconstructions(U, S, Vh)};
 }
 
+std::tuple<at::Tensor, at::Tensor> cholesky_qr2_cpu(const at::Tensor& Y) {
+  TORCH_CHECK(Y.dim() >= 2, "lowrank_merge::_cholesky_qr2: expected [..., m, p], got ", Y.dim(), " dims");
+  TORCH_CHECK(
+      Y.scalar_type() == at::kFloat || Y.scalar_type() == at::kDouble,
+      "lowrank_merge::_cholesky_qr2: expected float32 or float64, got ", Y.scalar_type());
+  auto basis = cholesky_qr2(Y);
+  return {basis.Q, basis.fell_back};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lowrank_merge, m) {
   m.def("low_rank_factors(Tensor A, int k, str engine, int niter, Tensor? omega) -> (Tensor, Tensor, Tensor)");
   m.def("centered_low_rank_sum(Tensor stack, int k, str engine, int niter, Tensor? omega) -> (Tensor, Tensor)");
+  // Private: the CholeskyQR2 orthonormaliser alone, and which matrices of the
+  // batch fell back to Householder QR. For tests (test_extension.py, test_cuda.py).
+  m.def("_cholesky_qr2(Tensor Y) -> (Tensor Q, Tensor fell_back)");
 }
 
 TORCH_LIBRARY_IMPL(lowrank_merge, CPU, m) {
   m.impl("low_rank_factors", &low_rank_factors_cpu);
   m.impl("centered_low_rank_sum", &centered_low_rank_sum_cpu);
+  m.impl("_cholesky_qr2", &cholesky_qr2_cpu);
 }
 
 }  // namespace lowrank_merge

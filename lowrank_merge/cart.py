@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops
-from .engines import SKETCH_ENGINES, average_and_center, gaussian_sketch, sketch_width, sum_of_reconstructions
+from .engines import (
+    SKETCH_ENGINES,
+    average_and_center,
+    engine_cost,
+    gaussian_sketch,
+    sketch_width,
+    sum_of_reconstructions,
+)
 from .selection import KeyFilter, rank_for
 from .validation import TensorMeta, check_compatible, check_merge_parameters, check_scale, check_tensor_values
 
@@ -30,16 +37,32 @@ DEFAULT_RANK_RATIO = 0.08
 #: λ of the reference configuration for 8 ViT-B/32 tasks; the paper's configs
 #: use 1.5–2.0 for vision and 1.3–1.6 for language models.
 DEFAULT_SCALE = 2.0
-#: Power (or Krylov) iterations of the sketch engines: 2 keeps the residual
-#: within 2 % of the optimal rank-k residual on slowly decaying spectra
-#: (0.1–1.6 % measured, benchmarks/results/engines_cpu_2026-11-23.md).
+#: Power (or Krylov) iterations of the randomized and krylov engines on A: 2
+#: keeps the residual within 2 % of the optimal rank-k residual on slowly
+#: decaying spectra (0.1–1.6 % measured, benchmarks/results/engines_cpu_2026-11-23.md).
 DEFAULT_NITER = 2
+#: Iterations of ``gram_subspace`` (and of ``auto``, whichever engine it picks):
+#: with the widened sketch below, 5 brings the rank-k sum within ~4e-3 of the
+#: float64 dense one on 1/i spectra at 8 % rank, about what a float32 dense SVD
+#: gets (3e-3); 4 iterations gave 5e-3 to 1.3e-2 (benchmarks/NOTES.md, 2026-12-02).
+ACCURATE_NITER = 5
 #: Extra sketch columns beyond k: 10 for subspace iteration (Halko et al.),
 #: none for block Krylov, whose extra blocks already widen the space.
 DEFAULT_OVERSAMPLE = {"randomized": 10, "krylov": 0}
-#: What ``svd="auto"`` runs: the fastest engine that meets the accuracy goal
-#: (see benchmarks/engines.py and the README's measurements).
-AUTO_ENGINE = "randomized"
+#: What ``svd="auto"`` runs, per layer: ``gram_subspace`` or ``randomized``,
+#: whichever :func:`lowrank_merge.engines.engine_cost` says is cheaper, both
+#: with ``ACCURATE_NITER`` iterations and :func:`accurate_oversample` columns.
+AUTO_CANDIDATES = ("gram_subspace", "randomized")
+
+
+def accurate_oversample(k: int) -> int:
+    """Extra sketch columns of ``gram_subspace`` and ``auto``: ``max(10, k // 2)``.
+
+    Proportional to k because what sets the convergence of the k-th singular
+    vector is σ_{l+1}/σ_k, about k / l on slowly decaying spectra.
+    """
+    return max(10, k // 2)
+
 
 StateDict = Mapping[str, Tensor]
 ModelLike = StateDict | nn.Module
@@ -57,9 +80,11 @@ class MergeSettings:
     rank: int | None = None
     scale: float = DEFAULT_SCALE
     key_filter: KeyFilter = field(default_factory=lambda: KeyFilter.build(None, None))
-    svd: str = AUTO_ENGINE
-    niter: int = DEFAULT_NITER
-    oversample: int = 0
+    svd: str = "auto"
+    #: None: the engine's default (``DEFAULT_NITER`` or ``ACCURATE_NITER``).
+    niter: int | None = None
+    #: None: the engine's default, which can depend on k (see :meth:`layer_engine`).
+    oversample: int | None = None
     seed: int = 0
     device: torch.device | None = None
     compute_dtype: torch.dtype = torch.float32
@@ -92,15 +117,14 @@ class MergeSettings:
             )
         if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
             raise ValueError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
-        engine = AUTO_ENGINE if svd == "auto" else svd
         return cls(
             rank_ratio=float(rank_ratio),
             rank=rank,
             scale=float(scale),
             key_filter=KeyFilter.build(include, exclude),
-            svd=engine,
-            niter=DEFAULT_NITER if niter is None else int(niter),
-            oversample=DEFAULT_OVERSAMPLE.get(engine, 0) if oversample is None else int(oversample),
+            svd=svd,
+            niter=None if niter is None else int(niter),
+            oversample=None if oversample is None else int(oversample),
             seed=int(seed),
             device=None if device is None else torch.device(device),
             compute_dtype=compute_dtype,
@@ -113,17 +137,40 @@ class MergeSettings:
     def is_low_rank(self, name: str, meta: TensorMeta) -> bool:
         return self.key_filter.is_low_rank(name, meta.shape, meta.dtype)
 
+    def layer_engine(self, m: int, n: int, k: int) -> tuple[str, int, int]:
+        """``(engine, niter, sketch width)`` for an ``[m, n]`` layer at rank ``k``.
+
+        Explicit ``niter`` / ``oversample`` win; otherwise ``randomized`` and
+        ``krylov`` take ``DEFAULT_NITER`` / ``DEFAULT_OVERSAMPLE`` and
+        ``gram_subspace`` and ``auto`` the accurate ones. ``auto`` then picks
+        the cheaper of ``AUTO_CANDIDATES`` for this shape.
+        """
+        accurate = self.svd in ("auto", "gram_subspace")
+        niter = self.niter if self.niter is not None else ACCURATE_NITER if accurate else DEFAULT_NITER
+        if self.oversample is not None:
+            oversample = self.oversample
+        else:
+            oversample = accurate_oversample(k) if accurate else DEFAULT_OVERSAMPLE.get(self.svd, 0)
+        width = sketch_width(k, oversample, m, n)
+        engine = self.svd
+        if engine == "auto":
+            engine = min(AUTO_CANDIDATES, key=lambda name: engine_cost(name, m, n, k, niter, width))
+        return engine, niter, width
+
 
 # ---------------------------------------------------------------------------
 # Per layer
 # ---------------------------------------------------------------------------
 
 
-def _sketch_for(A: Tensor, k: int, engine: str, oversample: int, seed: int) -> Tensor | None:
-    if engine not in SKETCH_ENGINES:
-        return None
+def _sketch_for(A: Tensor, k: int, settings: MergeSettings) -> tuple[str, int, Tensor | None]:
+    """``(engine, niter, omega)`` of ``A [..., m, n]`` at rank k: the seeded
+    Gaussian sketch ``[n, width]`` for the sketch engines, None otherwise."""
     m, n = A.shape[-2:]
-    return gaussian_sketch(n, sketch_width(k, oversample, m, n), seed, A.dtype, A.device)
+    engine, niter, width = settings.layer_engine(m, n, k)
+    if engine not in SKETCH_ENGINES:
+        return engine, niter, None
+    return engine, niter, gaussian_sketch(n, width, settings.seed, A.dtype, A.device)
 
 
 def _check_stack(stack: Tensor, k: int) -> None:
@@ -196,8 +243,8 @@ def _per_layer(
     if _delta_is_zero(stack.shape, k):
         return stack.mean(dim=0), None
     with _reporting_out_of_memory(stack, k, settings, name):
-        omega = _sketch_for(stack, k, settings.svd, settings.oversample, settings.seed)
-        return op(stack, k, settings.svd, settings.niter, omega)
+        engine, niter, omega = _sketch_for(stack, k, settings)
+        return op(stack, k, engine, niter, omega)
 
 
 def _centered_factors(stack: Tensor, k: int, engine: str, niter: int, omega: Tensor | None) -> tuple[Tensor, Factors]:
@@ -294,8 +341,8 @@ def low_rank_approx(
         raise ValueError(f"k must be a positive integer, got {k!r}")
     settings = MergeSettings.create(svd=svd, niter=niter, oversample=oversample, seed=seed)
     k = min(k, *A.shape[-2:])
-    omega = _sketch_for(A, k, settings.svd, settings.oversample, settings.seed)
-    return _ops.low_rank_factors(A, k, settings.svd, settings.niter, omega)
+    engine, niter, omega = _sketch_for(A, k, settings)
+    return _ops.low_rank_factors(A, k, engine, niter, omega)
 
 
 # ---------------------------------------------------------------------------

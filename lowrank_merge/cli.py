@@ -73,9 +73,9 @@ def _settings_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--preset", choices=sorted(KEY_PRESETS), help=f"[{_takers('include')}] named include/exclude filter (default: default)")
     group.add_argument("--include", nargs="+", action="extend", metavar="RE", help=f"[{_takers('include')}] only decompose 2-D tensors whose name matches one of these regexes")
     group.add_argument("--exclude", nargs="+", action="extend", metavar="RE", help=f"[{_takers('exclude')}] never decompose tensors matching these regexes (replaces the preset's)")
-    group.add_argument("--svd", choices=SVD_CHOICES, help=f"[{_takers('svd')}] top-k SVD engine (default auto = randomized)")
-    group.add_argument("--niter", type=int, metavar="N", help=f"[{_takers('niter')}] power/Krylov iterations of the sketch engines (default 2)")
-    group.add_argument("--oversample", type=int, metavar="P", help=f"[{_takers('oversample')}] extra sketch columns (default 10 randomized, 0 krylov)")
+    group.add_argument("--svd", choices=SVD_CHOICES, help=f"[{_takers('svd')}] top-k SVD engine (default auto: per layer, the cheaper of gram_subspace and randomized)")
+    group.add_argument("--niter", type=int, metavar="N", help=f"[{_takers('niter')}] iterations of the sketch engines (default 2 randomized/krylov, 5 gram_subspace/auto)")
+    group.add_argument("--oversample", type=int, metavar="P", help=f"[{_takers('oversample')}] extra sketch columns (default 10 randomized, 0 krylov, max(10, k/2) gram_subspace/auto)")
     group.add_argument("--seed", type=int, metavar="N", help=f"[{_takers('seed')}] seed of the Gaussian sketch (default 0)")
     group.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), help="compute dtype (default float32)")
     group.add_argument("--out-dtype", choices=sorted(OUT_DTYPES), help="dtype of floating outputs (default: the input's)")
@@ -267,7 +267,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         lines.append(f"  {reader.label}{base}: {kind}, {len(reader.files)} file(s)")
     parts = [f"method={spec.name}", *(f"{key}={_value(value)}" for key, value in method_parameters(settings).items())]
     if spec.uses_svd:
-        parts.append(f"svd={compute.svd} (niter={compute.niter}, oversample={compute.oversample}), seed={compute.seed}")
+        given = ", ".join(f"{key}={value}" for key in ("niter", "oversample") if (value := getattr(compute, key)) is not None)
+        parts.append(f"svd={compute.svd}" + (f" ({given})" if given else "") + f", seed={compute.seed}")
     parts.append(f"dtype={dtype_name(compute.compute_dtype)}")
     if compute.out_dtype is not None:
         parts.append(f"out_dtype={dtype_name(compute.out_dtype)}")

@@ -251,7 +251,9 @@ def engine_parameters(settings: MergeSettings) -> dict[str, Any]:
     if key_filter.include is not None:
         parameters["include"] = [pattern.pattern for pattern in key_filter.include]
     parameters["exclude"] = [pattern.pattern for pattern in key_filter.exclude]
-    parameters.update(svd=settings.svd, niter=settings.niter, oversample=settings.oversample, seed=settings.seed)
+    parameters["svd"] = settings.svd
+    parameters.update({key: value for key in ("niter", "oversample") if (value := getattr(settings, key)) is not None})
+    parameters["seed"] = settings.seed
     return parameters
 
 

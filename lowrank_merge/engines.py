@@ -17,6 +17,14 @@ Engines (``svd=`` everywhere in the library):
 * ``"gram"``: eigendecomposition of the smaller Gram matrix ``AAᵀ`` or
   ``AᵀA``, then a small SVD of the projection. Exact up to the squared
   condition number; cheap when one side of ``A`` is small.
+* ``"gram_subspace"``: subspace iteration on that Gram matrix ``G`` (``s × s``,
+  ``s = min(m, n)``) from the sketch, then Rayleigh–Ritz in float64. After the
+  one product that forms ``G``, an iteration costs ``2 s² l`` instead of the
+  ``4 m n l`` of a power iteration on ``A``, so ``niter`` can be large and the
+  top-k subspace is as accurate as the dense SVD's on slowly decaying spectra,
+  at a fraction of the ``gram`` engine's dense ``eigh``. (The C++ op
+  orthonormalises these iterations with CholeskyQR2, this twin with
+  Householder QR: the same spans, so the results agree to rounding.)
 
 The randomized engines take the Gaussian test matrix ``omega`` ``[n, l]`` from
 the caller. One ``omega`` is shared by the T tasks of a layer, which makes every
@@ -29,8 +37,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-ENGINES = ("exact", "randomized", "krylov", "gram")
-SKETCH_ENGINES = ("randomized", "krylov")
+ENGINES = ("exact", "randomized", "krylov", "gram", "gram_subspace")
+SKETCH_ENGINES = ("randomized", "krylov", "gram_subspace")
 
 
 def sketch_width(k: int, oversample: int, m: int, n: int) -> int:
@@ -40,6 +48,50 @@ def sketch_width(k: int, oversample: int, m: int, n: int) -> int:
     already widen the space; its default ``oversample`` is 0.)
     """
     return max(1, min(k + oversample, m, n))
+
+
+#: How many GEMM flops one flop of a factorisation (QR, a dense SVD or eigh)
+#: costs in time: Householder QR of the [8, 768, 91] blocks of a ViT-B layer
+#: runs at ~27 GFLOP/s against ~190 for the skinny GEMMs beside it on the
+#: 2-core CPU (benchmarks/NOTES.md, 2026-12-02).
+FACTORIZATION_WEIGHT = 8.0
+#: The same for the skinny products ``A·Q`` (``l`` ≪ ``n`` columns) of the sketch
+#: engines against the square, large products that form a Gram matrix:
+#: ~190 against ~300 GFLOP/s on that CPU.
+SKINNY_PRODUCT_WEIGHT = 1.6
+
+
+def _flop_parts(engine: str, m: int, n: int, k: int, niter: int, width: int) -> tuple[float, float]:
+    """(matrix-product flops, factorisation flops) of one task, leading terms."""
+    s, mn, l = min(m, n), m * n, width
+    if engine == "exact":
+        return 0.0, 4.0 * mn * s + 8.0 * s**3
+    if engine == "gram":
+        return 2.0 * mn * s + 2.0 * mn * k, 9.0 * s**3
+    if engine == "gram_subspace":
+        start = 2.0 * mn * l if m < n else 2.0 * s * s * l
+        products = 1.5 * mn * s + start + 2.0 * s * s * l * (niter + 1) + 2.0 * mn * k
+        return products, 8.0 * s * l * l * (niter + 1) + 9.0 * l**3  # CholeskyQR2 (two passes), eigh
+    basis = l * (niter + 1) if engine == "krylov" else l
+    products = 2.0 * mn * l * (1 + 2 * niter) + 2.0 * mn * basis
+    return products, 4.0 * (m + n) * l * l * (niter + 1) + 4.0 * n * basis**2 + 22.0 * basis**3
+
+
+def engine_flops(engine: str, m: int, n: int, k: int, niter: int, width: int) -> float:
+    """Floating-point operations of one task's ``[m, n]`` top-k decomposition by
+    ``engine``, leading terms (products, QR at ``4·rows·cols²``, dense
+    decompositions at textbook counts). An estimate for planning, not a measurement."""
+    return sum(_flop_parts(engine, m, n, k, niter, width))
+
+
+def engine_cost(engine: str, m: int, n: int, k: int, niter: int, width: int) -> float:
+    """:func:`engine_flops` in large-GEMM-flop equivalents (a time model):
+    factorisations weighted by ``FACTORIZATION_WEIGHT``, the sketch engines'
+    skinny products by ``SKINNY_PRODUCT_WEIGHT``. What ``svd="auto"`` minimises."""
+    products, factorizations = _flop_parts(engine, m, n, k, niter, width)
+    if engine in ("randomized", "krylov"):
+        products *= SKINNY_PRODUCT_WEIGHT
+    return products + FACTORIZATION_WEIGHT * factorizations
 
 
 def gaussian_sketch(n: int, width: int, seed: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
@@ -98,6 +150,45 @@ def gram_svd(A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return Vh.mT.contiguous(), S, U.mT.contiguous()
 
 
+def gram_matrix(X: Tensor) -> Tensor:
+    """``XᵀX`` ``[..., c, c]`` for ``X [..., r, c]`` from three of the four blocks of its
+    column halves: the symmetric off-diagonal block is formed once (3/4 of the
+    flops; torch has no syrk). Below 256 columns, the plain product."""
+    c = X.shape[-1]
+    if c < 256:
+        return X.mT @ X
+    left, right = X[..., : c // 2], X[..., c // 2 :]
+    lower = right.mT @ left
+    top = torch.cat([left.mT @ left, lower.mT], dim=-1)
+    return torch.cat([top, torch.cat([lower, right.mT @ right], dim=-1)], dim=-2)
+
+
+def gram_subspace_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Subspace iteration on the smaller Gram matrix, then Rayleigh–Ritz (see the module docstring).
+
+    ``omega`` is ``[n, l]``; for a wide ``A`` (``m < n``) the start is ``A Ω``,
+    since its Gram matrix ``AAᵀ`` has ``m`` rows.
+    """
+    wide = A.shape[-2] < A.shape[-1]
+    gram = gram_matrix(A.mT if wide else A)  # [..., s, s]
+    X = _orthonormal_basis(A @ omega if wide else gram @ omega)
+    for _ in range(niter):
+        X = _orthonormal_basis(gram @ X)
+    X64 = X.double()
+    ritz = X64.mT @ (gram @ X).double()  # [..., l, l]
+    W = torch.linalg.eigh((ritz + ritz.mT) * 0.5).eigenvectors[..., -k:]  # ascending: the top k are last
+    E = (X64 @ W).to(A.dtype)  # top-k eigenvectors of the Gram matrix [..., s, k]
+    other = E.mT @ A if wide else A @ E  # [..., k, n] or [..., m, k]
+    S, order = torch.linalg.vector_norm(other, dim=-1 if wide else -2).sort(dim=-1, descending=True)
+    safe_S = torch.where(S > 0, S, torch.ones_like(S))
+    E = torch.take_along_dim(E, order.unsqueeze(-2), -1)
+    if wide:
+        Vh = torch.take_along_dim(other, order.unsqueeze(-1), -2) / safe_S.unsqueeze(-1)
+        return E.contiguous(), S.contiguous(), Vh.contiguous()
+    U = torch.take_along_dim(other, order.unsqueeze(-2), -1) / safe_S.unsqueeze(-2)
+    return U.contiguous(), S.contiguous(), E.mT.contiguous()
+
+
 def low_rank_factors(
     A: Tensor, k: int, engine: str, niter: int, omega: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -116,6 +207,8 @@ def low_rank_factors(
         return randomized_svd(A, k, omega, niter)
     if engine == "krylov":
         return krylov_svd(A, k, omega, niter)
+    if engine == "gram_subspace":
+        return gram_subspace_svd(A, k, omega, niter)
     raise ValueError(f"unknown svd engine {engine!r}; choose one of {ENGINES}")
 
 

@@ -43,7 +43,7 @@ from .checkpoints import (
 )
 from .cart import MergeSettings, TensorPlan, output_dtype, plan_tensor
 from .config import dtype_name, merge_record, record_yaml
-from .engines import sketch_width
+from .engines import engine_flops
 from .methods import MethodSettings, MethodSpec, TensorItem, check_base, merge_method_tensor, method_settings, prepare
 from .validation import TensorMeta, check_compatible
 
@@ -103,18 +103,9 @@ def estimate_flops(plan: TensorPlan, models: int, settings: MergeSettings) -> fl
     if plan.action == "average" or models == 1 or plan.rank >= min(plan.shape):
         return float(models * numel)
     m, n = plan.shape
-    k, p, q = plan.rank, min(m, n), max(m, n)
-    engine = settings.svd
-    if engine == "exact":
-        per_task = 4 * m * n * p + 8 * p**3
-    elif engine == "gram":
-        per_task = 2 * p * p * q + 9 * p**3 + 2 * m * n * k
-    else:
-        width = sketch_width(k, settings.oversample, m, n)
-        passes = 2 + 2 * settings.niter  # A Ω, the power iterations, Qᵀ A
-        basis = width * (settings.niter + 1) if engine == "krylov" else width
-        per_task = 2 * m * n * width * (passes - 1) + 2 * m * n * basis + 2 * (m + n) * basis**2 + 4 * n * basis**2
-    return float(models * (per_task + 3 * numel) + 2 * m * n * models * k)
+    engine, niter, width = settings.layer_engine(m, n, plan.rank)
+    per_task = engine_flops(engine, m, n, plan.rank, niter, width)
+    return float(models * (per_task + 3 * numel) + 2 * m * n * models * plan.rank)
 
 
 @dataclass

@@ -343,3 +343,32 @@ def forbid_decomposition(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(ops, "centered_low_rank_sum", fail)
     monkeypatch.setattr(ops, "low_rank_factors", fail)
+
+
+# ---------------------------------------------------------------------------
+# Orthonormal bases (CholeskyQR2 tests, CUDA tests)
+# ---------------------------------------------------------------------------
+
+
+def random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> Tensor:
+    """``[rows, cols]`` float64 with orthonormal columns (Q of a Gaussian matrix)."""
+    return torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64)).Q
+
+
+def orthogonality_error(Q: torch.Tensor) -> float:
+    Q = Q.to(torch.float64)
+    eye = torch.eye(Q.shape[-1], dtype=torch.float64, device=Q.device)
+    return (Q.mT @ Q - eye).abs().max().item()
+
+
+def span_error(Q: torch.Tensor, Y: torch.Tensor) -> float:
+    """``‖Y − Q Qᵀ Y‖_F / ‖Y‖_F`` in float64."""
+    Q, Y = Q.to(torch.float64), Y.to(torch.float64)
+    return ((Y - Q @ (Q.mT @ Y)).norm() / Y.norm()).item()
+
+
+def conditioned(batch: int, m: int, p: int, cond: float, seed: int) -> torch.Tensor:
+    """``[batch, m, p]`` float64 with singular values log-spaced from 1 to 1/cond."""
+    generator = torch.Generator().manual_seed(seed)
+    spectrum = torch.logspace(0, -math.log10(cond), p, dtype=torch.float64)
+    return torch.stack([(random_orthonormal(m, p, generator) * spectrum) @ random_orthonormal(p, p, generator).T for _ in range(batch)])

@@ -167,7 +167,7 @@ def test_inspect_tsv(on_disk, capsys):
     code, out, err = run(["inspect", *paths, "--base", base_path, "--method", "tsv"], capsys)
     assert code == 0, err
     lines = out.splitlines()
-    assert "settings: method=tsv, scale=1, svd=randomized (niter=2, oversample=10), seed=0, dtype=float32" in lines
+    assert "settings: method=tsv, scale=1, svd=auto, seed=0, dtype=float32" in lines
     assert any(line.startswith("  base model ") and "checked only" not in line for line in lines)  # tsv reads it
     assert next(row for row in lines if row.startswith("blocks.*.mlp.c_fc.weight ")).split()[1:6] == ["2", "32x8", "float32", "svd", "-"]
     assert next(row for row in lines if row.startswith("blocks.*.mlp.c_fc.bias ")).split()[4] == "tsv"

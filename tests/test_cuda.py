@@ -10,11 +10,8 @@ kernels; elsewhere the whole module is skipped. What they check:
 * every engine on CUDA against a float64 dense-SVD reference (exact engine) or
   within 1 % of the optimal rank-k residual (sketch engines), and against the
   CPU kernels with the same sketch omega;
-* the batched CholeskyQR2 orthonormaliser (private op ``_cholesky_qr2``): it
-  reproduces Householder's Q up to column signs on well-conditioned input,
-  returns an orthonormal basis of the right span on ill-conditioned,
-  rank-deficient and zero input, and falls back to Householder exactly where
-  CholeskyQR2 cannot work;
+* (the batched CholeskyQR2 orthonormaliser is tested on both devices in
+  test_cholesky_qr2.py);
 * out-of-memory errors name the sizes (op) and the layer (merge API);
 * the kernels run on the current stream, a non-default one included;
 * TF32 follows ``torch.backends.cuda.matmul.allow_tf32``.
@@ -22,7 +19,6 @@ kernels; elsewhere the whole module is skipped. What they check:
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -30,6 +26,8 @@ import torch
 
 import lowrank_merge as lm
 from lowrank_merge import _ops, engines
+
+from conftest import conditioned, orthogonality_error, random_orthonormal, span_error
 
 
 def _skip_reason() -> str | None:
@@ -48,16 +46,12 @@ pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "
 ops = torch.ops.lowrank_merge
 CUDA = torch.device("cuda")
 DTYPES = (torch.float32, torch.float64)
-SKETCH_ENGINES = ("randomized", "krylov")
+SKETCH_ENGINES = engines.SKETCH_ENGINES
 
 
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64)).Q
 
 
 def task_stack(T: int, m: int, n: int, *, seed: int = 0, decay: float = 1.0) -> torch.Tensor:
@@ -68,7 +62,7 @@ def task_stack(T: int, m: int, n: int, *, seed: int = 0, decay: float = 1.0) -> 
     spectrum = (torch.arange(r, dtype=torch.float64) + 1) ** -decay
     base = torch.randn(m, n, generator=generator, dtype=torch.float64)
     tasks = [
-        base + (_orthonormal(m, r, generator) * spectrum) @ _orthonormal(n, r, generator).T for _ in range(T)
+        base + (random_orthonormal(m, r, generator) * spectrum) @ random_orthonormal(n, r, generator).T for _ in range(T)
     ]
     return torch.stack(tasks)
 
@@ -94,27 +88,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def sketch(engine: str, k: int, m: int, n: int, dtype: torch.dtype, device, seed: int = 0) -> torch.Tensor | None:
     if engine not in SKETCH_ENGINES:
         return None
-    oversample = lm.cart.DEFAULT_OVERSAMPLE[engine]
+    oversample = lm.cart.DEFAULT_OVERSAMPLE.get(engine, lm.cart.accurate_oversample(k))
     return engines.gaussian_sketch(n, engines.sketch_width(k, oversample, m, n), seed, dtype, device)
-
-
-def orthogonality_error(Q: torch.Tensor) -> float:
-    Q = Q.to(torch.float64)
-    eye = torch.eye(Q.shape[-1], dtype=torch.float64, device=Q.device)
-    return (Q.mT @ Q - eye).abs().max().item()
-
-
-def span_error(Q: torch.Tensor, Y: torch.Tensor) -> float:
-    """``‖Y − Q Qᵀ Y‖_F / ‖Y‖_F`` in float64."""
-    Q, Y = Q.to(torch.float64), Y.to(torch.float64)
-    return ((Y - Q @ (Q.mT @ Y)).norm() / Y.norm()).item()
-
-
-def conditioned(batch: int, m: int, p: int, cond: float, seed: int) -> torch.Tensor:
-    """``[batch, m, p]`` float64 with singular values log-spaced from 1 to 1/cond."""
-    generator = torch.Generator().manual_seed(seed)
-    spectrum = torch.logspace(0, -math.log10(cond), p, dtype=torch.float64)
-    return torch.stack([(_orthonormal(m, p, generator) * spectrum) @ _orthonormal(p, p, generator).T for _ in range(batch)])
 
 
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
@@ -266,78 +241,6 @@ def test_cart_merge_on_cuda_matches_cpu():
         for name in on_cpu:
             assert on_cuda[name].device.type == "cpu"  # results on the inputs' device
             assert rel(on_cuda[name], on_cpu[name]) <= 1e-4, (engine, name)
-
-
-# ---------------------------------------------------------------------------
-# The batched CholeskyQR2 orthonormaliser
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cholesky_qr2_is_householder_up_to_signs(dtype):
-    Y = torch.randn(6, 500, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(9)).to(CUDA, dtype)
-    Q, fell_back = ops._cholesky_qr2(Y)
-    assert Q.shape == Y.shape and fell_back.shape == (6,) and fell_back.dtype == torch.bool
-    assert not fell_back.any()  # well conditioned: CholeskyQR2 itself did the work
-    tol = 50 * EPS[dtype]
-    assert orthogonality_error(Q) <= tol
-    assert span_error(Q, Y) <= tol
-    # CholeskyQR's R has a positive diagonal; Householder's Q equals it up to column signs.
-    Q_householder = torch.linalg.qr(Y).Q
-    signs = torch.sign((Q_householder * Q).sum(dim=-2, keepdim=True))
-    assert (Q - Q_householder * signs).abs().max().item() <= 1e3 * EPS[dtype]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cond", [1e1, 1e2, 1e3, 1e5, 1e8, 1e12])
-def test_cholesky_qr2_orthonormal_on_ill_conditioned_input(dtype, cond):
-    Y = conditioned(4, 300, 30, cond, seed=10).to(CUDA, dtype)
-    Q, fell_back = ops._cholesky_qr2(Y)
-    # Whichever path ran, Q is orthonormal and spans Y.
-    assert orthogonality_error(Q) <= 50 * EPS[dtype]
-    assert span_error(Q, Y) <= 50 * EPS[dtype]
-    # Within its range it needs no fallback. With float64 Gram matrices that is
-    # cond(Y) up to ~1e6 for float32 input (pass 1 loses u * cond) and ~7e7
-    # (u^-1/2) for float64; asserted here with one to two decades to spare.
-    if cond <= {torch.float32: 1e4, torch.float64: 1e6}[dtype]:
-        assert not fell_back.any()
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cholesky_qr2_falls_back_exactly_where_needed(dtype):
-    generator = torch.Generator().manual_seed(11)
-    good = torch.randn(200, 12, dtype=torch.float64, generator=generator)
-    zero_column = good.clone()
-    zero_column[:, 5] = 0
-    repeated_column = good.clone()
-    repeated_column[:, 7] = repeated_column[:, 2]
-    Y = torch.stack([good, torch.zeros_like(good), zero_column, good * 3, repeated_column]).to(CUDA, dtype)
-    Q, fell_back = ops._cholesky_qr2(Y)
-    # A zero column makes a Cholesky pivot exactly 0: those two always fall back.
-    # A repeated column makes a pivot ~0 of either sign: it may fall back, or pass
-    # 2 repairs it; either way Q must be an orthonormal basis holding Y's columns.
-    assert fell_back[:4].tolist() == [False, True, True, False]
-    assert orthogonality_error(Q) <= 50 * EPS[dtype]
-    for index in (0, 2, 3, 4):
-        assert span_error(Q[index], Y[index]) <= 50 * EPS[dtype]
-    # A matrix's result does not depend on its batch mates.
-    alone, _ = ops._cholesky_qr2(Y[:1])
-    assert (alone[0] - Q[0]).abs().max().item() <= 100 * EPS[dtype]
-
-
-def test_cholesky_qr2_shapes():
-    generator = torch.Generator().manual_seed(12)
-    # Any leading shape, and a plain matrix.
-    Y = torch.randn(2, 3, 50, 7, generator=generator, dtype=torch.float64).to(CUDA)
-    Q, fell_back = ops._cholesky_qr2(Y)
-    assert Q.shape == Y.shape and fell_back.shape == (2, 3)
-    Q2, fell_back2 = ops._cholesky_qr2(Y[0, 0])
-    assert Q2.shape == (50, 7) and fell_back2.shape == () and (Q2 - Q[0, 0]).abs().max().item() <= 1e-12
-    # More columns than rows: Householder's [m, m] basis, reported as a fallback.
-    wide = torch.randn(3, 10, 16, generator=generator, dtype=torch.float64).to(CUDA)
-    Q, fell_back = ops._cholesky_qr2(wide)
-    assert Q.shape == (3, 10, 10) and fell_back.all()
-    assert orthogonality_error(Q) <= 1e-13
 
 
 # ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ requires_extension = pytest.mark.skipif(
 )
 pytestmark = requires_extension
 
-ENGINES = ["exact", "randomized", "krylov", "gram"]
+ENGINES = ["exact", "randomized", "krylov", "gram", "gram_subspace"]
 SHAPES = [(3, 24, 16), (2, 16, 24), (4, 20, 20), (2, 1, 9)]
 
 
@@ -83,7 +83,11 @@ def test_centered_low_rank_sum_matches_twin(engine, shape, dtype):
     assert avg_cpp.dtype == delta_cpp.dtype == dtype
     assert relative_error(avg_cpp, avg_twin) <= 4 * torch.finfo(dtype).eps
     assert relative_error(avg_cpp, stack.double().mean(0)) <= 4 * torch.finfo(dtype).eps
-    assert relative_error(delta_cpp, delta_twin) <= _tolerance(dtype), engine
+    # Relative to the centered stack, not to the delta: with T = 2 the two reconstructions
+    # cancel and the delta is itself rounding noise, which the C++ gram_subspace (CholeskyQR2)
+    # and its twin (Householder) round differently.
+    scale = (stack.double() - stack.double().mean(0)).norm()
+    assert (delta_cpp.double() - delta_twin.double()).norm() <= _tolerance(dtype) * scale, engine
 
 
 def test_centered_low_rank_sum_accepts_non_contiguous_stack():

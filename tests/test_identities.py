@@ -12,8 +12,8 @@ from lowrank_merge import engines
 
 from conftest import EXPECTED_DEFAULT_LOW_RANK, make_models, make_pretrained, reference_cart, relative_error
 
-ALL_ENGINES = ["exact", "randomized", "krylov", "gram", "auto"]
-SKETCH_ENGINES = ["randomized", "krylov", "auto"]
+ALL_ENGINES = ["exact", "randomized", "krylov", "gram", "gram_subspace", "auto"]
+SKETCH_ENGINES = ["randomized", "krylov", "gram_subspace", "auto"]
 # float32 results of two computations that are equal in exact arithmetic but
 # round differently (other summation order, other inputs' rounding): a few
 # float32 ulps of the average, plus the low-rank part's float32 error
@@ -225,7 +225,9 @@ def test_same_seed_is_bitwise_reproducible(svd):
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("svd", SKETCH_ENGINES)
+# Not gram_subspace nor auto (which picks it at d = 32): their 4 iterations on the
+# Gram matrix converge to the dense SVD's subspace here, so the seed rounds away.
+@pytest.mark.parametrize("svd", ["randomized", "krylov"])
 def test_different_seed_changes_the_sketch_result(svd):
     # d = 32, k = 3: the sketch does not span the matrices, so it shows in the result.
     models = make_models(3, 32, seed=9)

@@ -98,7 +98,7 @@ def test_exact_merge_matches_reference(T, m, n, seed, ranks, scale, out_dtype):
 
 
 @PROPERTY_SETTINGS
-@given(T=tasks, m=dims, n=dims, seed=seeds, svd=st.sampled_from(["exact", "randomized", "krylov", "gram", "auto"]))
+@given(T=tasks, m=dims, n=dims, seed=seeds, svd=st.sampled_from(["exact", "randomized", "krylov", "gram", "gram_subspace", "auto"]))
 def test_full_rank_ratio_gives_the_average(T, m, n, seed, svd):
     models = _models(T, m, n, seed)
     result = lm.cart_merge(models, svd=svd, rank_ratio=1.0)
@@ -148,7 +148,7 @@ def layer_cases(draw):
 
 
 @PROPERTY_SETTINGS
-@given(case=layer_cases(), svd=st.sampled_from(["randomized", "auto"]), niter=st.integers(0, 3))
+@given(case=layer_cases(), svd=st.sampled_from(["randomized", "gram_subspace", "auto"]), niter=st.integers(0, 3))
 def test_randomized_is_exact_when_the_sketch_spans(case, svd, niter):
     T, m, n, seed, k, oversample = case
     assert _low_rank_sum_error(T, m, n, seed, k, svd=svd, oversample=oversample, niter=niter) <= LOW_RANK_SUM_UNITS
@@ -177,7 +177,7 @@ def test_krylov_is_exact_when_the_sketch_spans(case):
     k=st.integers(1, 45),
     seed=seeds,
     dtype=st.sampled_from([torch.float32, torch.float64]),
-    svd=st.sampled_from(["exact", "randomized", "krylov", "gram", "auto"]),
+    svd=st.sampled_from(["exact", "randomized", "krylov", "gram", "gram_subspace", "auto"]),
 )
 def test_factor_shapes_and_structure(batch, m, n, k, seed, dtype, svd):
     g = torch.Generator().manual_seed(seed)

@@ -5,13 +5,11 @@
 // lowrank_merge::centered_low_rank_sum(Tensor stack, int k, str engine, int niter, Tensor? omega)
 //     -> (Tensor average, Tensor delta)
 //
-// and one private op for the tests, CUDA only:
-//
-// lowrank_merge::_cholesky_qr2(Tensor Y) -> (Tensor Q, Tensor fell_back)
+// and the private op _cholesky_qr2 (defined in csrc/ops.cpp) for the tests.
 //
 // The engines are the CPU's (low_rank_factors_generic in csrc/low_rank.cpp, the
 // same products in the same order) with two steps swapped for batched GPU
-// versions (csrc/cuda/batched_steps.cpp): CholeskyQR2 instead of Householder QR,
+// versions (csrc/batched_steps.cpp): CholeskyQR2 instead of Householder QR,
 // and the small SVD through an l x l Gram eigendecomposition. The "exact"
 // engine is at::linalg_svd on the whole [T, m, n] batch, as on the CPU. Every
 // ATen call runs on torch's cuBLAS/cuSOLVER handles and the current CUDA
@@ -144,12 +142,6 @@ std::tuple<at::Tensor, at::Tensor> cholesky_qr2_cuda(const at::Tensor& Y) {
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(lowrank_merge, m) {
-  // Private: the CUDA orthonormaliser alone, and which matrices of the batch fell
-  // back to Householder QR. For tests (tests/test_cuda.py).
-  m.def("_cholesky_qr2(Tensor Y) -> (Tensor Q, Tensor fell_back)");
-}
 
 TORCH_LIBRARY_IMPL(lowrank_merge, CUDA, m) {
   m.impl("low_rank_factors", &low_rank_factors_cuda);
