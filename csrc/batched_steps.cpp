@@ -161,8 +161,7 @@ Factors gram_eigh_svd_of_projection(const at::Tensor& Q, const at::Tensor& A, in
 
 EngineSteps batched_engine_steps() {
   EngineSteps steps;
-  steps.orthonormal_basis = cholesky_qr2_orthonormal_basis;
-  steps.truncated_svd_of_projection = gram_eigh_svd_of_projection;
+  steps.orthonormal_basis = cholesky_qr2_orthonormal_basis;  // the small SVD is the default
   return steps;
 }
 

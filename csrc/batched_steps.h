@@ -1,6 +1,7 @@
 // Batched steps without a loop over the matrices of a batch: a CholeskyQR2
 // orthonormaliser and a small SVD through the eigendecomposition of an l x l
-// Gram matrix. The CUDA path runs both as its EngineSteps (see low_rank.h); the
+// Gram matrix. The CUDA path runs both as its EngineSteps, the CPU the second
+// (see low_rank.h); the
 // gram_subspace engine orthonormalises its iterations with CholeskyQR2 on every
 // device (on the CPU it beats Householder QR on those [s, l] blocks: 83 against
 // 95 ms for the whole 768 x 768, 8-task engine, benchmarks/NOTES.md).
@@ -31,14 +32,10 @@ OrthonormalBasis cholesky_qr2(const at::Tensor& Y);
 // cholesky_qr2(Y).Q: the EngineSteps::orthonormal_basis of the CUDA path.
 at::Tensor cholesky_qr2_orthonormal_basis(const at::Tensor& Y);
 
-// Top-k factors of Q Q^T A for an orthonormal Q [..., m, l], from the
-// eigendecomposition of the l x l Gram matrix of B = Q^T A (formed and
-// decomposed in float64): the EngineSteps::truncated_svd_of_projection of the
-// CUDA path.
-Factors gram_eigh_svd_of_projection(const at::Tensor& Q, const at::Tensor& A, int64_t k);
+// (gram_eigh_svd_of_projection, the small SVD of every device, is declared in
+// low_rank.h.)
 
-// The EngineSteps of the CUDA path: {cholesky_qr2_orthonormal_basis,
-// gram_eigh_svd_of_projection}.
+// The EngineSteps of the CUDA path: CholeskyQR2, and the default small SVD.
 EngineSteps batched_engine_steps();
 
 }  // namespace lowrank_merge

@@ -11,12 +11,6 @@ at::Tensor householder_orthonormal_basis(const at::Tensor& Y) {
   return std::get<0>(at::linalg_qr(Y, "reduced"));
 }
 
-Factors dense_svd_of_projection(const at::Tensor& Q, const at::Tensor& A, int64_t k) {
-  auto small = at::matmul(Q.mT(), A);  // [..., l, n]
-  auto [U_small, S, Vh] = at::linalg_svd(small, /*full_matrices=*/false);
-  return {at::matmul(Q, U_small.narrow(-1, 0, k)), S.narrow(-1, 0, k).contiguous(), Vh.narrow(-2, 0, k).contiguous()};
-}
-
 namespace {
 
 Factors exact_svd(const at::Tensor& A, int64_t k) {

@@ -112,10 +112,18 @@ def _orthonormal_basis(Y: Tensor) -> Tensor:
 
 
 def _truncated_svd_of_projection(Q: Tensor, A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k SVD of ``Q Qᵀ A`` for an orthonormal ``Q`` ``[..., m, l]``."""
-    small = Q.mT @ A  # [..., l, n]
-    U_small, S, Vh = torch.linalg.svd(small, full_matrices=False)
-    return Q @ U_small[..., :k], S[..., :k].contiguous(), Vh[..., :k, :].contiguous()
+    """Top-k SVD of ``Q Qᵀ A`` for an orthonormal ``Q`` ``[..., m, l]``, through the
+    float64 eigendecomposition of the ``l × l`` Gram matrix of ``B = Qᵀ A``
+    (see ``gram_eigh_svd_of_projection`` in csrc/batched_steps.cpp): ``S`` are the
+    row norms of ``W_kᵀ B``, sorted; rows with ``S = 0`` give zero rows of ``Vh``."""
+    small = (Q.mT @ A).double()  # [..., l, n]
+    W = torch.linalg.eigh(small @ small.mT).eigenvectors[..., -k:]  # ascending: the top k are last
+    P = W.mT @ small  # [..., k, n]
+    S, order = torch.linalg.vector_norm(P, dim=-1).sort(dim=-1, descending=True)
+    W = torch.take_along_dim(W, order.unsqueeze(-2), -1)
+    P = torch.take_along_dim(P, order.unsqueeze(-1), -2)
+    Vh = P / torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-1)
+    return Q @ W.to(A.dtype), S.to(A.dtype).contiguous(), Vh.to(A.dtype).contiguous()
 
 
 def exact_svd(A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
