@@ -596,6 +596,13 @@ class ShardedWriter:
     shards with ``model.safetensors.index.json``) plus :meth:`add_file` extras.
     Use as a context manager: leaving it with an exception (or before
     :meth:`commit`) removes everything written.
+
+    Several processes can write one folder output together (the distributed
+    merge): each gets the same explicit ``shards`` plan and the indices of the
+    shards it ``owned``. One of them creates the temporary folder
+    (:meth:`start`), the others attach to it (``start(attach_to=...)``), each
+    calls :meth:`finish_shards`, and once all have finished the creator alone
+    calls :meth:`commit` (index over every shard, extra files, move into place).
     """
 
     def __init__(
@@ -606,18 +613,27 @@ class ShardedWriter:
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
         metadata: Mapping[str, str] | None = None,
         force: bool = False,
+        shards: Sequence[Sequence[TensorSpec]] | None = None,
+        owned: Sequence[int] | None = None,
     ) -> None:
         self.target = Path(target)
         self.single_file = self.target.suffix == ".safetensors"
         self.force = force
         self.metadata = dict(metadata or {})
-        self.shards = [list(specs)] if self.single_file else plan_shards(specs, max_shard_size)
+        if shards is None:
+            self.shards = [list(specs)] if self.single_file else plan_shards(specs, max_shard_size)
+        else:
+            self.shards = [list(shard) for shard in shards] or [[]]
+            if self.single_file or [spec for shard in self.shards for spec in shard] != list(specs):
+                raise ValueError("an explicit shard plan needs a folder output and must hold exactly the specs, in order")
         names = [self.target.name] if self.single_file else shard_names(len(self.shards))
         self.shard_names = names
-        self._order = [(i, spec) for i, shard in enumerate(self.shards) for spec in shard]
+        self.owned = set(range(len(self.shards))) if owned is None else set(owned)
+        self._order = [(i, spec) for i, shard in enumerate(self.shards) if i in self.owned for spec in shard]
         self._position = 0
         self._extra: dict[str, bytes | Path] = {}
         self._tmp: Path | None = None
+        self._attached = False
         self._file = None
         self.committed = False
 
@@ -625,7 +641,13 @@ class ShardedWriter:
 
     @property
     def data_bytes(self) -> int:
+        """Bytes of tensor data this writer writes (its own shards)."""
         return sum(spec.nbytes for _, spec in self._order)
+
+    @property
+    def temporary_path(self) -> Path | None:
+        """The temporary output being written (None before :meth:`start` and after the end)."""
+        return self._tmp
 
     def required_bytes(self) -> int:
         headers = sum(len(safetensors_header(shard, self.metadata)) for shard in self.shards)
@@ -655,8 +677,14 @@ class ShardedWriter:
         if not self.committed:
             self.abort()
 
-    def start(self) -> None:
-        """Create the temporary output next to the target (checks that it is writable)."""
+    def start(self, attach_to: Path | None = None) -> None:
+        """Create the temporary output next to the target (checks that it is
+        writable), or, with ``attach_to``, write into one another process started."""
+        if attach_to is not None:
+            if self.single_file or not (attach_to / _PARTIAL_MARKER).is_file():
+                raise CheckpointError(f"cannot attach to {attach_to}: not a partial output folder")
+            self._tmp, self._attached = attach_to, True
+            return
         remove_stale_partials(self.target)
         tmp = self.target.parent / f".{self.target.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
         try:
@@ -672,13 +700,18 @@ class ShardedWriter:
             raise CheckpointError(f"cannot write {self.target}: {error.strerror or one_line(error)}") from error
 
     def abort(self) -> None:
-        """Remove everything written so far."""
+        """Remove everything written so far (an attached writer: its own shards;
+        the temporary folder is the starter's to remove)."""
         if self._file is not None:
             try:
                 self._file.close()
             except OSError:
                 pass
             self._file = None
+        if self._tmp is not None and self._attached:
+            for index in self.owned:
+                (self._tmp / self.shard_names[index]).unlink(missing_ok=True)
+            self._tmp = None
         if self._tmp is not None:
             if self._tmp.is_dir():
                 shutil.rmtree(self._tmp, ignore_errors=True)
@@ -736,21 +769,33 @@ class ShardedWriter:
             raise ValueError(f"cannot add file {name!r} to the output")
         self._extra[name] = data
 
-    def commit(self) -> Path:
-        """Finish the output and move it into place; returns the target."""
+    def finish_shards(self) -> None:
+        """Check that every tensor of this writer's shards was written and give
+        its empty shards (an empty model) their header."""
         if self._position != len(self._order):
             missing = self._order[self._position][1].name
             raise RuntimeError(f"commit before every tensor was written (next: {missing!r})")
         try:
-            for index, shard in enumerate(self.shards):  # empty shards (an empty model) still get a header
-                if not shard:
+            for index, shard in enumerate(self.shards):
+                if not shard and index in self.owned and not self._shard_path(index).exists():
                     self._open_shard(index)
                     self._close_shard()
+        except OSError as error:
+            raise CheckpointError(f"cannot write {self.target}: {error.strerror or one_line(error)}") from error
+
+    def commit(self) -> Path:
+        """Finish the output and move it into place; returns the target. With
+        several writers, only the one that started the output commits, after
+        every writer's :meth:`finish_shards`."""
+        if self._attached:
+            raise RuntimeError("an attached writer does not commit; the writer that started the output does")
+        self.finish_shards()
+        try:
             if not self.single_file:
                 if len(self.shards) > 1:
                     index = {
-                        "metadata": {"total_size": self.data_bytes},
-                        "weight_map": {spec.name: self.shard_names[i] for i, spec in self._order},
+                        "metadata": {"total_size": sum(spec.nbytes for shard in self.shards for spec in shard)},
+                        "weight_map": {spec.name: self.shard_names[i] for i, shard in enumerate(self.shards) for spec in shard},
                     }
                     self._extra[SAFETENSORS_INDEX] = (json.dumps(index, indent=2) + "\n").encode("utf-8")
                 for name, data in self._extra.items():

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
 import traceback
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .checkpoints import DEFAULT_MAX_SHARD_SIZE, format_size, one_line, parse_size
@@ -31,6 +33,9 @@ from .methods import METHODS, TRIM_CHOICES, MethodSpec
 from .selection import KEY_PRESETS
 from .validation import SVD_CHOICES
 from .eval.demo import add_demo_arguments, run_demo
+
+if TYPE_CHECKING:
+    import torch
 
 PROG = "lowrank-merge"
 
@@ -106,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="cpu", metavar="{cpu,cuda,auto}", help="where the math runs (default cpu)")
     merge.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE", help="bytes per output shard, e.g. 5GB (default), 500MB, 2GiB")
     merge.add_argument("--force", action="store_true", help="replace an existing output (once the new one is complete)")
+    merge.add_argument(
+        "--distributed",
+        action="store_true",
+        help="split the merge over the processes of a torchrun launch (one per GPU, or CPU processes with gloo): "
+        "torchrun --nproc-per-node N $(which lowrank-merge) merge ... --distributed",
+    )
     noise = merge.add_mutually_exclusive_group()
     noise.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     noise.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
@@ -118,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check that the models are compatible and print, per tensor group, what a merge would do.",
     )
     inspect.add_argument("inputs", nargs="*", metavar="MODEL", help="model folders or weight files")
+    inspect.add_argument("--plan", type=int, metavar="N", help="show how a --distributed merge over N processes splits the tensors")
+    inspect.add_argument("--plan-device", choices=("cpu", "cuda"), default="cpu", help="device the plan's cost model assumes (default cpu)")
     _settings_options(inspect)
     inspect.set_defaults(handler=run_inspect)
 
@@ -163,15 +176,49 @@ def _say(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def _distributed_group(device: torch.device) -> Iterator[torch.device]:
+    """Join the torchrun launch: the process group (NCCL on GPUs, gloo on CPUs)
+    and this process's device (``cuda:LOCAL_RANK``)."""
+    import torch
+    import torch.distributed as dist
+
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise UsageError(
+            f"--distributed needs the environment torchrun sets ({', '.join(missing)} missing): "
+            f"torchrun --nproc-per-node N $(which {PROG}) merge ... --distributed"
+        )
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
 def run_merge(args: argparse.Namespace) -> int:
-    from .streaming import merge_checkpoints, plan_merge, resolve_device
+    from .streaming import resolve_device
 
     config, out = _config_from_args(args, needs_out=True)
-    settings = config.settings(device=resolve_device(args.device))
-    progress = args.progress or (not args.quiet and sys.stderr.isatty())
+    device = resolve_device(args.device)
+    if not args.distributed:
+        return _merge(args, config, out, device, rank=0)
+    with _distributed_group(device) as device:
+        return _merge(args, config, out, device, rank=int(os.environ["RANK"]))
+
+
+def _merge(args: argparse.Namespace, config: MergeConfig, out: str, device: torch.device, rank: int) -> int:
+    from .streaming import merge_checkpoints, plan_merge
+
+    settings = config.settings(device=device)
+    quiet = args.quiet or rank != 0  # one voice: rank 0's
+    progress = not quiet and (args.progress or sys.stderr.isatty())
 
     def checked(inputs) -> None:
-        if args.quiet:
+        if quiet:
             return
         planned = plan_merge(inputs, settings.compute)
         written = sum(spec.nbytes for _, spec in planned)
@@ -190,8 +237,9 @@ def run_merge(args: argparse.Namespace) -> int:
         force=args.force,
         progress=progress,
         on_checked=checked,
+        distributed=args.distributed,
     )
-    if not args.quiet:
+    if not quiet:
         rate = result.bytes_read / result.seconds if result.seconds > 0 else float("inf")
         _say(
             f"merged {len(config.models)} models into {result.path} with {settings.spec.name} ({len(result.files)} files, "
@@ -297,8 +345,32 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"total: {len(planned)} tensors ({_totals([_action(plan.action, spec) for plan, _ in planned], spec)}); "
         f"reads {format_size(inputs.total_bytes(spec))}, writes {format_size(written)}{work}"
     )
+    if args.plan is not None:
+        lines += [""] + _plan_lines(inputs, settings, args.plan, args.plan_device)
     print("\n".join(lines))
     return 0
+
+
+def _plan_lines(inputs, settings, processes: int, device: str) -> list[str]:
+    """The per-rank table of a distributed merge over ``processes`` ranks."""
+    from .distributed import FLOPS_PER_SECOND, READ_BYTES_PER_SECOND, balanced_plan, tensor_costs
+
+    if processes < 1:
+        raise UsageError(f"--plan needs a positive number of processes, got {processes}")
+    shares = balanced_plan(tensor_costs(inputs, settings, device), processes)
+    rows = [["rank", "tensors", "reads", "~FLOP", "~time"]]
+    for share in shares:
+        rows.append([str(share.rank), str(len(share.names)), format_size(share.bytes_read), _flops(share.flops), f"{share.seconds:.2f} s"])
+    seconds = [share.seconds for share in shares]
+    mean = sum(seconds) / processes
+    lines = [
+        f"plan of a --distributed merge over {processes} processes (cost model: reads at "
+        f"{format_size(READ_BYTES_PER_SECOND)}/s, {_flops(FLOPS_PER_SECOND[device])}FLOP/s on {device}):"
+    ]
+    lines.extend(_table(rows, right={1, 2, 3, 4}))
+    if mean > 0:
+        lines.append(f"balance: the busiest rank has {max(seconds) / mean:.2f}x the mean estimated time ({max(seconds):.2f} s)")
+    return lines
 
 
 @contextlib.contextmanager

@@ -392,10 +392,14 @@ class _MagnitudeThresholds:
         return tuple(self.prefix.to(self.int_dtype).view(self.dtype).tolist())
 
 
+def _ties_trims_over_the_model(settings: MethodSettings) -> bool:
+    return settings.trim == "model" and settings.density != 1
+
+
 @torch.no_grad()
 def _ties_prepass(settings: MethodSettings, source: TensorSource, labels: Sequence[str]) -> MethodSettings:
     """Whole-model thresholds for ``trim="model"`` (reads the model 2 or 4 times)."""
-    if settings.trim == "tensor" or settings.density == 1:
+    if not _ties_trims_over_the_model(settings):
         return settings
     search = _MagnitudeThresholds(settings.compute.compute_dtype, settings.density)
     for _ in range(search.passes):
@@ -407,6 +411,12 @@ def _ties_prepass(settings: MethodSettings, source: TensorSource, labels: Sequen
             search.add(stack.sub_(base.to(stack)).abs_().reshape(len(tensors), -1))
         search.end_pass()
     return replace(settings, thresholds=search.thresholds())
+
+
+def needs_prepass(settings: MethodSettings) -> bool:
+    """Whether :func:`prepare` reads the models before the merge: TIES with
+    ``trim="model"`` (and a density below 1)."""
+    return settings.spec.prepass is _ties_prepass and _ties_trims_over_the_model(settings)
 
 
 def prepare(settings: MethodSettings, source: TensorSource, labels: Sequence[str]) -> MethodSettings:

@@ -244,6 +244,115 @@ def _config_json(data: bytes, out_dtype: torch.dtype | None) -> bytes:
     return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8") if changed else data
 
 
+@dataclass
+class PreparedMerge:
+    """Everything a merge decides before it reads a weight: the checked inputs,
+    the plan of every tensor, the output writer (not started) and the device."""
+
+    settings: MethodSettings
+    inputs: CheckedInputs
+    planned: list[tuple[TensorPlan, TensorSpec]]
+    writer: ShardedWriter
+    device: torch.device
+
+
+def prepare_merge(
+    models: Sequence[PathLike],
+    out: PathLike,
+    settings: MethodSettings,
+    *,
+    base: PathLike | None,
+    max_shard_size: int,
+    force: bool,
+    copy_files: bool,
+    writer_layout: Callable[[CheckedInputs, list[TensorSpec]], tuple[list[TensorSpec], dict]] | None = None,
+) -> PreparedMerge:
+    """Check the inputs and the output (from headers, before any weight is
+    read) and set up the writer: shards, metadata, config and merge record.
+
+    ``writer_layout(inputs, specs)`` may reorder the output tensors and add
+    ``ShardedWriter`` keyword arguments (the distributed merge: an explicit
+    ``shards`` plan and the shards this process ``owned``)."""
+    spec = settings.spec
+    check_base(spec, base)
+    out = Path(out)
+    model_paths = [os.fspath(path) for path in models] if not isinstance(models, (str, os.PathLike)) else []
+    base_path = None if base is None else os.fspath(base)
+    check_output_target(out, force=force, inputs=[Path(p) for p in model_paths + ([base_path] if base_path else [])])
+    compute = settings.compute
+    device = resolve_device(compute.device)
+    inputs = open_models(model_paths, base_path)
+    planned = plan_merge(inputs, compute)
+    record = merge_record(model_paths, base_path, settings)
+    metadata = {
+        "format": "pt",
+        "merge_method": spec.name,
+        "merge_config": json.dumps(record, separators=(",", ":")),
+        "lowrank_merge_version": record["lowrank_merge_version"],
+    }
+    specs = [tensor_spec for _, tensor_spec in planned]
+    specs, layout = writer_layout(inputs, specs) if writer_layout is not None else (specs, {})
+    writer = ShardedWriter(out, specs, max_shard_size=max_shard_size, metadata=metadata, force=force, **layout)
+    if not writer.single_file:
+        source = inputs.readers[0].source_dir
+        if copy_files and source is not None:
+            for path in small_files_to_copy(source):
+                if path.name == "config.json":
+                    writer.add_file(path.name, _config_json(path.read_bytes(), compute.out_dtype))
+                else:
+                    writer.add_file(path.name, path)
+        writer.add_file("merge_config.yaml", record_yaml(record).encode("utf-8"))
+    writer.check_space()
+    return PreparedMerge(settings, inputs, planned, writer, device)
+
+
+def merge_names(
+    prepared: PreparedMerge, names: Sequence[str], *, prefetch: bool, progress: bool, total_bytes: int | None = None
+) -> tuple[int, float]:
+    """Merge ``names`` (in order) into the started writer: read the T tensors
+    of a name, merge, write, drop. Runs the method's pre-pass first. Returns
+    the bytes read (every pass) and the seconds taken."""
+    settings, inputs, writer = prepared.settings, prepared.inputs, prepared.writer
+    spec = settings.spec
+    readers = inputs.read_by(spec)
+    tasks = len(inputs.readers)
+    bytes_read = 0
+    bar = _progress_bar(progress, inputs.total_bytes(spec) if total_bytes is None else total_bytes)
+
+    def tensor_items(stage: str) -> Iterator[TensorItem]:
+        """One pass over the checkpoints: ``(name, [T tensors], base tensor or None)``."""
+        nonlocal bytes_read
+        if bar is not None:
+            bar.set_description_str(f"{stage} 0/{len(names)}", refresh=False)
+            bar.reset()
+        for position, (name, tensors) in enumerate(iterate_layers(readers, names, prepared.device, prefetch)):
+            yield name, tensors[:tasks], tensors[tasks] if spec.needs_base else None
+            del tensors  # before the next read
+            layer_bytes = sum(reader.nbytes(name) for reader in readers)
+            bytes_read += layer_bytes
+            if bar is not None:
+                bar.set_description_str(f"{stage} {position + 1}/{len(names)}", refresh=False)
+                bar.update(layer_bytes)
+
+    try:
+        started = time.perf_counter()
+        settings = prepare(settings, lambda: tensor_items(f"{spec.name} pre-pass"), inputs.labels)
+        for name, tensors, base_tensor in tensor_items(f"{spec.name} merge"):
+            try:
+                merged = merge_method_tensor(name, tensors, base_tensor, settings, inputs.labels)
+            except RuntimeError as error:  # most torch errors do not name the tensor
+                if repr(name) in str(error):
+                    raise
+                raise RuntimeError(f"while merging tensor {name!r}: {error}") from error
+            del tensors, base_tensor
+            writer.write(name, merged)
+            del merged
+    finally:
+        if bar is not None:
+            bar.close()
+    return bytes_read, time.perf_counter() - started
+
+
 def merge_checkpoints(
     models: Sequence[PathLike],
     out: PathLike,
@@ -256,6 +365,7 @@ def merge_checkpoints(
     prefetch: bool | None = None,
     copy_files: bool = True,
     on_checked: Callable[[CheckedInputs], None] | None = None,
+    distributed: bool = False,
 ) -> MergeResult:
     """Merge T checkpoints on disk into ``out`` with any method, streaming.
 
@@ -277,86 +387,40 @@ def merge_checkpoints(
             (default: on for CUDA, off for CPU).
         on_checked: called once every input and the output were checked,
             before the first tensor is read.
+        distributed: split the work over the processes of the initialised
+            ``torch.distributed`` group (launched with ``torchrun``); every
+            process calls this with the same arguments (see
+            :mod:`lowrank_merge.distributed`). The result equals the
+            single-process merge's tensor for tensor.
 
     The output appears under ``out`` only when complete: on any error or
     interruption the temporary output is removed.
     """
     settings = method_settings("cart") if settings is None else settings
-    spec = settings.spec
-    check_base(spec, base)
-    out = Path(out)
-    model_paths = [os.fspath(path) for path in models] if not isinstance(models, (str, os.PathLike)) else []
-    base_path = None if base is None else os.fspath(base)
-    check_output_target(out, force=force, inputs=[Path(p) for p in model_paths + ([base_path] if base_path else [])])
-    compute = settings.compute
-    device = resolve_device(compute.device)
-    inputs = open_models(model_paths, base_path)
-    planned = plan_merge(inputs, compute)
-    record = merge_record(model_paths, base_path, settings)
-    metadata = {
-        "format": "pt",
-        "merge_method": spec.name,
-        "merge_config": json.dumps(record, separators=(",", ":")),
-        "lowrank_merge_version": record["lowrank_merge_version"],
-    }
-    writer = ShardedWriter(out, [spec for _, spec in planned], max_shard_size=max_shard_size, metadata=metadata, force=force)
-    if not writer.single_file:
-        source = inputs.readers[0].source_dir
-        if copy_files and source is not None:
-            for path in small_files_to_copy(source):
-                if path.name == "config.json":
-                    writer.add_file(path.name, _config_json(path.read_bytes(), compute.out_dtype))
-                else:
-                    writer.add_file(path.name, path)
-        writer.add_file("merge_config.yaml", record_yaml(record).encode("utf-8"))
-    writer.check_space()
-    if prefetch is None:
-        prefetch = device.type == "cuda"
-    names = list(inputs.metas)
-    readers = inputs.read_by(spec)
-    tasks = len(inputs.readers)
-    bytes_read = 0
-    bar = None
+    if distributed:
+        from .distributed import merge_checkpoints_distributed
 
-    def tensor_items(stage: str) -> Iterator[TensorItem]:
-        """One pass over the checkpoints: ``(name, [T tensors], base tensor or None)``."""
-        nonlocal bytes_read
-        if bar is not None:
-            bar.set_description_str(f"{stage} 0/{len(names)}", refresh=False)
-            bar.reset()
-        for position, (name, tensors) in enumerate(iterate_layers(readers, names, device, prefetch)):
-            yield name, tensors[:tasks], tensors[tasks] if spec.needs_base else None
-            del tensors  # before the next read
-            layer_bytes = sum(reader.nbytes(name) for reader in readers)
-            bytes_read += layer_bytes
-            if bar is not None:
-                bar.set_description_str(f"{stage} {position + 1}/{len(names)}", refresh=False)
-                bar.update(layer_bytes)
-
+        return merge_checkpoints_distributed(
+            models, out, settings, base=base, max_shard_size=max_shard_size, force=force,
+            progress=progress, prefetch=prefetch, copy_files=copy_files, on_checked=on_checked,
+        )
+    prepared = prepare_merge(
+        models, out, settings, base=base, max_shard_size=max_shard_size, force=force, copy_files=copy_files
+    )
+    writer = prepared.writer
     writer.start()  # the temporary output next to the target: proves it writable
     try:
         if on_checked is not None:
-            on_checked(inputs)
-        bar = _progress_bar(progress, inputs.total_bytes(spec))
-        started = time.perf_counter()
-        settings = prepare(settings, lambda: tensor_items(f"{spec.name} pre-pass"), inputs.labels)
-        for name, tensors, base_tensor in tensor_items(f"{spec.name} merge"):
-            try:
-                merged = merge_method_tensor(name, tensors, base_tensor, settings, inputs.labels)
-            except RuntimeError as error:  # most torch errors do not name the tensor
-                if repr(name) in str(error):
-                    raise
-                raise RuntimeError(f"while merging tensor {name!r}: {error}") from error
-            del tensors, base_tensor
-            writer.write(name, merged)
-            del merged
+            on_checked(prepared.inputs)
+        names = list(prepared.inputs.metas)
+        bytes_read, seconds = merge_names(
+            prepared, names, prefetch=prepared.device.type == "cuda" if prefetch is None else prefetch, progress=progress
+        )
         writer.commit()
     finally:
         if not writer.committed:
             writer.abort()
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - started
+    out = Path(out)
     files = [out.name] if writer.single_file else sorted(os.listdir(out))
     return MergeResult(out, files, len(names), bytes_read, writer.data_bytes, seconds)
 
