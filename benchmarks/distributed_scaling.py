@@ -2,7 +2,8 @@
 
 Builds T synthetic sharded checkpoints (LAYERS square DIM x DIM weights plus
 biases and norms each, like ``streaming_memory.py``), then merges them with the
-CLI three ways and checks that all outputs are bit-identical:
+CLI three ways and checks that the distributed output is bit-identical to the
+single-process one at the same number of BLAS threads per process:
 
 * one process, ``--threads`` torch threads (all the cores);
 * ``torchrun --nproc-per-node N ... --distributed``, one thread per process
@@ -58,17 +59,25 @@ def _run(command: list[str], threads: int) -> tuple[float, float, str]:
     return wall, float(match.group(1)) if match else float("nan"), done.stderr
 
 
-def _same_output(a: Path, b: Path) -> bool:
+def _state(folder: Path) -> dict:
     from safetensors.torch import load_file
 
-    def state(folder: Path) -> dict:
-        merged = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            merged.update(load_file(str(file)))
-        return merged
+    merged = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        merged.update(load_file(str(file)))
+    return merged
 
-    left, right = state(a), state(b)
+
+def _same_output(a: Path, b: Path) -> bool:
+    left, right = _state(a), _state(b)
     return left.keys() == right.keys() and all(left[name].equal(right[name]) for name in left)
+
+
+def _max_difference(a: Path, b: Path) -> float:
+    """The largest ‖x − y‖ / ‖y‖ over the tensors of two outputs."""
+    left, right = _state(a), _state(b)
+    return max(((left[name].double() - right[name].double()).norm() / right[name].double().norm().clamp_min(1e-300)).item()
+               for name in right)
 
 
 def main() -> int:
@@ -106,7 +115,10 @@ def main() -> int:
         rows.append((f"torchrun, {args.processes} processes (gloo)", 1,
                      *_run([*launcher, "-m", "lowrank_merge", "merge", *paths, "--out", str(distributed), *options,
                             "--distributed"], 1)[:2]))
-        identical = _same_output(single, distributed) and _same_output(single, one_thread)
+        # Bitwise equality holds at equal BLAS threads per process: MKL/OpenBLAS
+        # sum in another order with 2 threads than with 1.
+        identical = _same_output(one_thread, distributed)
+        threads_differ = _max_difference(single, one_thread)
 
     import torch
 
@@ -126,7 +138,13 @@ def main() -> int:
     ]
     for name, threads, wall, merge_seconds in rows:
         lines.append(f"| {name} | {threads} | {wall:.2f} s | {merge_seconds:.2f} s | {base_wall / wall:.2f}x |")
-    lines += ["", f"plan ({args.processes} ranks): {balance}", f"outputs bit-identical: {identical}"]
+    lines += [
+        "",
+        f"plan ({args.processes} ranks): {balance}",
+        f"torchrun output bit-identical to the 1-process, 1-thread merge: {identical}",
+        f"1 process with {args.threads} threads against 1 thread: largest relative difference of a tensor "
+        f"{threads_differ:.1e} (the BLAS sums in another order with more threads)",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
