@@ -31,6 +31,7 @@ import re
 import secrets
 import shutil
 import struct
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -588,6 +589,17 @@ def check_output_target(target: Path, *, force: bool, inputs: Iterable[Path] = (
         raise CheckpointError(f"cannot write {target}: folder {parent} is not writable")
 
 
+def _appears(path: Path, seconds: float = 30.0) -> bool:
+    """Whether ``path`` is a file, waiting up to ``seconds`` for it: on a shared
+    file system another machine's new file can take a moment to be visible."""
+    deadline = time.monotonic() + seconds
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 class ShardedWriter:
     """Write planned tensors into safetensors shards, atomically.
 
@@ -681,7 +693,7 @@ class ShardedWriter:
         """Create the temporary output next to the target (checks that it is
         writable), or, with ``attach_to``, write into one another process started."""
         if attach_to is not None:
-            if self.single_file or not (attach_to / _PARTIAL_MARKER).is_file():
+            if self.single_file or not _appears(attach_to / _PARTIAL_MARKER):
                 raise CheckpointError(f"cannot attach to {attach_to}: not a partial output folder")
             self._tmp, self._attached = attach_to, True
             return
