@@ -399,3 +399,18 @@ def test_bad_layer_settings():
 def test_bad_low_rank_approx_arguments(A, k, match):
     with pytest.raises(ValueError, match=match):
         lm.low_rank_approx(A, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_huge_finite_values_are_not_mistaken_for_inf(dtype):
+    """The finiteness check sums first; a sum that overflows from finite values
+    must not be reported as Inf (it falls back to the elementwise test)."""
+    from lowrank_merge.validation import check_tensor_values
+
+    big = torch.full((64,), torch.finfo(dtype).max, dtype=dtype)
+    check_tensor_values("w", [big, big], ["model 0", "model 1"])  # no error
+    for bad, word in ((float("nan"), "NaN"), (float("inf"), "Inf"), (float("-inf"), "Inf")):
+        broken = big.clone()
+        broken[7] = bad
+        with pytest.raises(ValueError, match=f"tensor 'w' of model 1 contains {word} values"):
+            check_tensor_values("w", [big, broken], ["model 0", "model 1"])
