@@ -6,7 +6,7 @@
 
 It lives outside ``tests/`` so ``pytest tests`` never collects it. Each
 benchmark times one layer of a quick case (dimensions / 16, <= 4 tasks) at rank
-ratio 0.08: every lowrank_merge engine, the reference path (thin SVD per task)
+ratio 0.08: the default engine (auto) and every other lowrank_merge engine, the reference path (thin SVD per task)
 and ``torch.svd_lowrank`` per task; the sketch engines' deltas are also checked
 against the float64 dense reference (a loose bound: the quick shapes' spectra
 have no gap at k).
@@ -44,7 +44,7 @@ def layer(request):
     return task_stack(T, m, n, torch.float32, torch.device("cpu"), seed=0), max(1, math.floor(RATIO * min(m, n)))
 
 
-@pytest.mark.parametrize("engine", engines.ENGINES)
+@pytest.mark.parametrize("engine", ("auto", *engines.ENGINES))
 def test_ours(benchmark, layer, engine):
     stack, k = layer
     benchmark.group = f"{list(stack.shape)} k={k}"
@@ -52,7 +52,9 @@ def test_ours(benchmark, layer, engine):
     target = reference_delta(stack.double(), k)
     error = ((delta.double() - target).norm() / target.norm()).item()
     benchmark.extra_info["rel_err_vs_float64"] = error
-    assert error < (1e-3 if engine in ("exact", "gram") else 0.5)
+    # The accurate engines are near float32 rounding (amplified by the missing gap);
+    # the fast sketches only near-optimal in residual.
+    assert error < (1e-3 if engine in ("exact", "gram") else 2e-2 if engine in ("auto", "gram_subspace") else 0.5)
 
 
 def test_reference(benchmark, layer):
