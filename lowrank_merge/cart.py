@@ -147,8 +147,9 @@ class MergeSettings:
 
         Explicit ``niter`` / ``oversample`` win; otherwise ``randomized`` and
         ``krylov`` take ``DEFAULT_NITER`` / ``DEFAULT_OVERSAMPLE`` and
-        ``gram_subspace`` and ``auto`` the accurate ones. ``auto`` then picks
-        the cheaper of ``AUTO_CANDIDATES`` for this shape.
+        ``gram_subspace`` and ``auto`` the accurate ones. ``auto`` then runs
+        ``gram_subspace``, or ``randomized`` where it is predicted
+        ``AUTO_RANDOMIZED_ADVANTAGE`` times cheaper for this shape and rank.
         """
         accurate = self.svd in ("auto", "gram_subspace")
         niter = self.niter if self.niter is not None else ACCURATE_NITER if accurate else DEFAULT_NITER

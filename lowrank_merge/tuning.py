@@ -222,7 +222,8 @@ def tune(
     the first k factors. With ``svd="exact"`` and ``svd="gram"`` these are the
     top-k factors ``cart_merge`` computes, so every score equals the score of
     a separate ``cart_merge`` call (to float rounding). With the sketch
-    engines (``"randomized"``, ``"krylov"`` and ``"auto"``) only the points at
+    engines (``"randomized"``, ``"krylov"``, ``"gram_subspace"`` and ``"auto"``,
+    which may also pick another engine at ``K_max`` than at k) only the points at
     each layer's ``K_max`` are those of ``cart_merge`` (to float rounding); a
     smaller k is a prefix of factors from a sketch of width ``K_max +
     oversample``, not the rank-k sketch of width ``k + oversample`` a separate
