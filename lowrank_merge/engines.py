@@ -152,7 +152,7 @@ def krylov_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Tensor, Te
 def gram_svd(A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     m, n = A.shape[-2:]
     if m <= n:
-        _, eigenvectors = torch.linalg.eigh(A @ A.mT)  # ascending eigenvalues
+        _, eigenvectors = torch.linalg.eigh(gram_matrix(A.mT))  # A Aᵀ; ascending eigenvalues
         return _truncated_svd_of_projection(eigenvectors[..., -k:], A, k)
     U, S, Vh = gram_svd(A.mT, k)
     return Vh.mT.contiguous(), S, U.mT.contiguous()
