@@ -84,7 +84,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lowrank_merge as lm  # noqa: E402
 from lowrank_merge import engines  # noqa: E402
-from lowrank_merge.cart import ACCURATE_NITER, AUTO_RANDOMIZED_ADVANTAGE, DEFAULT_NITER, DEFAULT_OVERSAMPLE  # noqa: E402
+from lowrank_merge.cart import ACCURATE_NITER, DEFAULT_NITER, DEFAULT_OVERSAMPLE  # noqa: E402
 from lowrank_merge.selection import KeyFilter  # noqa: E402
 from gpu_merge import (  # noqa: E402
     CASES as GPU_CASES,
@@ -554,8 +554,8 @@ def header_lines(report: dict) -> list[str]:
         f"measured sgemm {report['sgemm_gflops']:.1f} GFLOP/s ({report['sgemm_size']}³ fp32), "
         f"copy bandwidth {report['copy_gbps']:.1f} GB/s (read + write)",
         f"engines: randomized/krylov niter {DEFAULT_NITER}, oversample {DEFAULT_OVERSAMPLE}; "
-        f"gram_subspace and auto (the default: per layer gram_subspace, or randomized where predicted "
-        f"{AUTO_RANDOMIZED_ADVANTAGE:g}x cheaper) niter {ACCURATE_NITER}, oversample max(10, k // 2)",
+        f"gram_subspace and auto (the default: per layer the cheaper of gram_subspace and randomized by "
+        f"engine_cost) niter {ACCURATE_NITER}, oversample max(10, k // 2)",
     ]
 
 

@@ -49,15 +49,10 @@ ACCURATE_NITER = 5
 #: Extra sketch columns beyond k: 10 for subspace iteration (Halko et al.),
 #: none for block Krylov, whose extra blocks already widen the space.
 DEFAULT_OVERSAMPLE = {"randomized": 10, "krylov": 0}
-#: What ``svd="auto"`` runs, per layer: ``gram_subspace``, or ``randomized``
-#: where :func:`lowrank_merge.engines.engine_cost` predicts it at least
-#: ``AUTO_RANDOMIZED_ADVANTAGE`` times cheaper; both with ``ACCURATE_NITER``
-#: iterations and :func:`accurate_oversample` columns. The margin covers what
-#: the model leaves out: narrow sketches make the products over A memory-bound
-#: and their QRs slow (ViT-B/32 at 2 %: the model called the two even, and
-#: gram_subspace took 5.1 s against 9.8 s; at 4096 x 14336, 2 %, they are even).
+#: What ``svd="auto"`` runs, per layer: ``gram_subspace`` or ``randomized``,
+#: whichever :func:`lowrank_merge.engines.engine_cost` predicts cheaper, both
+#: with ``ACCURATE_NITER`` iterations and :func:`accurate_oversample` columns.
 AUTO_CANDIDATES = ("gram_subspace", "randomized")
-AUTO_RANDOMIZED_ADVANTAGE = 2.0
 
 
 def accurate_oversample(k: int) -> int:
@@ -148,8 +143,7 @@ class MergeSettings:
         Explicit ``niter`` / ``oversample`` win; otherwise ``randomized`` and
         ``krylov`` take ``DEFAULT_NITER`` / ``DEFAULT_OVERSAMPLE`` and
         ``gram_subspace`` and ``auto`` the accurate ones. ``auto`` then runs
-        ``gram_subspace``, or ``randomized`` where it is predicted
-        ``AUTO_RANDOMIZED_ADVANTAGE`` times cheaper for this shape and rank.
+        whichever of ``AUTO_CANDIDATES`` is predicted cheaper for this shape and rank.
         """
         accurate = self.svd in ("auto", "gram_subspace")
         niter = self.niter if self.niter is not None else ACCURATE_NITER if accurate else DEFAULT_NITER
@@ -160,8 +154,7 @@ class MergeSettings:
         width = sketch_width(k, oversample, m, n)
         engine = self.svd
         if engine == "auto":
-            gram, randomized = (engine_cost(name, m, n, k, niter, width) for name in AUTO_CANDIDATES)
-            engine = "randomized" if AUTO_RANDOMIZED_ADVANTAGE * randomized < gram else "gram_subspace"
+            engine = min(AUTO_CANDIDATES, key=lambda name: engine_cost(name, m, n, k, niter, width))
         return engine, niter, width
 
 
