@@ -34,7 +34,6 @@ to the same target.
 
 from __future__ import annotations
 
-import heapq
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -109,16 +108,13 @@ def balanced_plan(
         raise ValueError(f"the number of ranks must be a positive integer, got {world_size!r}")
     order = {name: position for position, name in enumerate(costs)}
     shares = [RankShare(rank, []) for rank in range(world_size)]
-    loads = [(0.0, rank) for rank in range(world_size)]  # a heap of (load, rank)
     for name in sorted(costs, key=lambda name: (-costs[name][2], order[name])):
-        load, rank = heapq.heappop(loads)
+        share = min(shares, key=lambda share: (share.seconds, share.rank))
         nbytes, flops, seconds = costs[name]
-        share = shares[rank]
         share.names.append(name)
         share.bytes_read += nbytes
         share.flops += flops
         share.seconds += seconds
-        heapq.heappush(loads, (load + seconds, rank))
     for share in shares:
         share.names.sort(key=order.__getitem__)
     return shares
