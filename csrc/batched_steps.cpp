@@ -136,7 +136,7 @@ at::Tensor cholesky_qr2_orthonormal_basis(const at::Tensor& Y) {
 // to about u * s_1 / s_k relative to a float64 SVD's). S is the row norms of P,
 // not sqrt(eigenvalues), which keeps small singular values accurate too.
 // Rows are sorted by S (descending): with near-equal values the norms can come
-// out in a different order than the eigenvalues.
+// out in a different order than the eigenvalues (sort_by_descending_values).
 //
 // Where S_i = 0 exactly (A of rank < k), Vh's row i is set to zero instead of
 // an arbitrary unit vector orthogonal to the others (LAPACK's choice); U S Vh,
@@ -149,14 +149,23 @@ Factors gram_eigh_svd_of_projection(const at::Tensor& Q, const at::Tensor& A, in
   const auto dtype = A.scalar_type();
   const auto small = at::matmul(Q.mT(), A).to(at::kDouble);  // [..., l, n]
   const auto gram = at::matmul(small, small.mT());            // [..., l, l]
-  // linalg_eigh: eigenvalues ascending, so the top k are the last k columns.
-  auto W = std::get<1>(at::linalg_eigh(gram)).narrow(-1, l - k, k);  // [..., l, k]
-  auto P = at::matmul(W.mT(), small);                                 // [..., k, n]
-  auto [S, order] = at::linalg_vector_norm(P, 2, at::IntArrayRef{-1}).sort(/*dim=*/-1, /*descending=*/true);
-  W = at::take_along_dim(W, order.unsqueeze(-2), -1);
-  P = at::take_along_dim(P, order.unsqueeze(-1), -2);
+  // linalg_eigh: eigenvalues ascending, so the top k are the last k columns, flipped.
+  auto W = std::get<1>(at::linalg_eigh(gram)).narrow(-1, l - k, k).flip(-1);  // [..., l, k]
+  auto P = at::matmul(W.mT(), small);                                          // [..., k, n]
+  auto S = at::linalg_vector_norm(P, 2, at::IntArrayRef{-1});
+  sort_by_descending_values(S, {{&W, -1}, {&P, -2}});
   auto Vh = P / at::where(S > 0, S, at::ones_like(S)).unsqueeze(-1);
   return {at::matmul(Q, W.to(dtype)), S.to(dtype).contiguous(), Vh.to(dtype).contiguous()};
+}
+
+void sort_by_descending_values(at::Tensor& S, std::initializer_list<FactorAxis> factors) {
+  const auto k = S.size(-1);
+  if (k < 2 || S.narrow(-1, 0, k - 1).ge(S.narrow(-1, 1, k - 1)).all().item<bool>()) return;
+  auto [sorted, order] = S.sort(/*dim=*/-1, /*descending=*/true);
+  S = sorted;
+  for (const auto& axis : factors) {
+    *axis.factor = at::take_along_dim(*axis.factor, order.unsqueeze(axis.dim == -1 ? -2 : -1), axis.dim);
+  }
 }
 
 EngineSteps batched_engine_steps() {

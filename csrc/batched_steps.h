@@ -14,6 +14,8 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
+
 #include "low_rank.h"
 
 namespace lowrank_merge {
@@ -34,6 +36,20 @@ at::Tensor cholesky_qr2_orthonormal_basis(const at::Tensor& Y);
 
 // (gram_eigh_svd_of_projection, the small SVD of every device, is declared in
 // low_rank.h.)
+
+// A factor [..., k] (dim = -1, e.g. U) or [..., k, n] (dim = -2, e.g. Vh) whose
+// k axis follows the order of the singular values.
+struct FactorAxis {
+  at::Tensor* factor;
+  int64_t dim;
+};
+
+// Sorts S [..., k] descending and reorders every factor's k axis alike. The
+// factors arrive in the order of the eigenvalues they came from (descending),
+// which the norms S follow but for rounding among near-equal values, so the
+// gathers (one pass over each factor, the [k, n] side as costly as a small GEMM)
+// run only when S is out of order; checking costs one host synchronisation.
+void sort_by_descending_values(at::Tensor& S, std::initializer_list<FactorAxis> factors);
 
 // The EngineSteps of the CUDA path: CholeskyQR2, and the default small SVD.
 EngineSteps batched_engine_steps();

@@ -39,19 +39,30 @@ Factors krylov_svd(
   return steps.truncated_svd_of_projection(steps.orthonormal_basis(at::cat(blocks, -1)), A, k);
 }
 
-// X^T X for X [..., r, c] from three of the four blocks of X's column halves,
-// so the symmetric off-diagonal block is formed once: 3/4 of the flops of one
-// product (measured 18-20 % faster on the CPU for c = 768; torch has no syrk).
-// Below 256 columns the plain product is as fast.
+// X^T X for X [..., r, c], exactly symmetric. Torch has no syrk, so the symmetry
+// is used by hand: with the columns in B blocks (about kGramBlockColumns wide, at
+// least two), block row i is one product X_i^T [X_0 ... X_i] and the blocks above
+// the diagonal are copies, (B + 1) / 2B of the full product's flops (9/16 for
+// c = 4096: measured ~20 % faster than two halves on [2, 14336, 4096]). Below
+// kGramMinBlockedColumns the plain product is as fast. The twin:
+// lowrank_merge.engines.gram_matrix, whose gram_blocks() must agree with this.
+constexpr int64_t kGramBlockColumns = 512;
+constexpr int64_t kGramMinBlockedColumns = 256;
+
 at::Tensor gram_matrix(const at::Tensor& X) {
   const auto c = X.size(-1);
-  if (c < 256) return at::matmul(X.mT(), X);
-  const auto half = c / 2;
-  const auto left = X.narrow(-1, 0, half), right = X.narrow(-1, half, c - half);
-  const auto lower = at::matmul(right.mT(), left);  // [..., c - half, half]
-  const auto top = at::cat({at::matmul(left.mT(), left), lower.mT()}, -1);
-  const auto bottom = at::cat({lower, at::matmul(right.mT(), right)}, -1);
-  return at::cat({top, bottom}, -2);
+  if (c < kGramMinBlockedColumns) return at::matmul(X.mT(), X);
+  const auto blocks = std::max<int64_t>(2, (c + kGramBlockColumns - 1) / kGramBlockColumns);
+  auto sizes = X.sizes().vec();
+  sizes[sizes.size() - 2] = c;
+  auto gram = at::empty(sizes, X.options());
+  for (int64_t i = 0; i < blocks; ++i) {
+    const auto lo = i * c / blocks, hi = (i + 1) * c / blocks;
+    auto block_row = gram.narrow(-2, lo, hi - lo);
+    block_row.narrow(-1, 0, hi).copy_(at::matmul(X.narrow(-1, lo, hi - lo).mT(), X.narrow(-1, 0, hi)));
+    gram.narrow(-2, 0, lo).narrow(-1, lo, hi - lo).copy_(block_row.narrow(-1, 0, lo).mT());
+  }
+  return gram;
 }
 
 Factors gram_svd(const at::Tensor& A, int64_t k, const EngineSteps& steps) {
@@ -67,7 +78,9 @@ Factors gram_svd(const at::Tensor& A, int64_t k, const EngineSteps& steps) {
 // Subspace iteration on the smaller Gram matrix G (A^T A for a tall or square A,
 // A A^T for a wide one, s x s with s = min(m, n)), then Rayleigh-Ritz:
 //
-//   X = orth(G Omega) (tall; A Omega for a wide A, whose G has m rows),
+//   X = orth(G Omega[:s]) (the first s rows of the [n, l] sketch: a Gaussian
+//       block too; for a wide A cheaper than A Omega, and one step further
+//       into the top subspace, as G's spectrum is A's squared),
 //   niter x X = orth(G X),
 //   H = X^T G X (l x l, float64) = W diag(s^2) W^T,  E = X W_k [s, k]
 //
@@ -75,8 +88,8 @@ Factors gram_svd(const at::Tensor& A, int64_t k, const EngineSteps& steps) {
 // the left ones of a wide A. The other side comes from one product with A
 // (A E for a tall A, E^T A for a wide one), whose column (row) norms are S.
 //
-// Why: after the one product that forms G (2 m n s flops, the best-shaped GEMM
-// there is), every iteration costs 2 s^2 l instead of the 4 m n l of a power
+// Why: after the one product that forms G (m n s (B + 1) / B flops in large
+// GEMMs, see gram_matrix), every iteration costs 2 s^2 l instead of the 4 m n l of a power
 // iteration on A, so many iterations are cheap and the top-k subspace comes out
 // as accurate as a dense SVD's on slowly decaying spectra (where the randomized
 // engine's rank-k truncation is off by 10-20 %). Forming G squares the condition
@@ -90,26 +103,24 @@ Factors gram_subspace_svd(const at::Tensor& A, int64_t k, const at::Tensor& omeg
   const auto dtype = A.scalar_type();
   const bool wide = A.size(-2) < A.size(-1);
   const auto gram = gram_matrix(wide ? A.mT() : A);  // [..., s, s]
-  auto X = cholesky_qr2_orthonormal_basis(wide ? at::matmul(A, omega) : at::matmul(gram, omega));
+  auto X = cholesky_qr2_orthonormal_basis(at::matmul(gram, omega.narrow(0, 0, gram.size(-1))));
   for (int64_t i = 0; i < niter; ++i) {
     X = cholesky_qr2_orthonormal_basis(at::matmul(gram, X));
   }
   const auto X64 = X.to(at::kDouble);
   const auto ritz = at::matmul(X64.mT(), at::matmul(gram, X).to(at::kDouble));  // [..., l, l]
   const auto l = X.size(-1);
-  // linalg_eigh: eigenvalues ascending, so the top k are the last k columns.
-  const auto W = std::get<1>(at::linalg_eigh((ritz + ritz.mT()) * 0.5)).narrow(-1, l - k, k);
-  const auto E = at::matmul(X64, W).to(dtype);                                    // [..., s, k]
-  const auto other = wide ? at::matmul(E.mT(), A) : at::matmul(A, E);             // [..., k, n] or [..., m, k]
-  const auto norm_dim = wide ? -1 : -2;
-  auto [S, order] = at::linalg_vector_norm(other, 2, at::IntArrayRef{norm_dim}).sort(/*dim=*/-1, /*descending=*/true);
+  // linalg_eigh: eigenvalues ascending, so the top k are the last k columns, flipped.
+  const auto W = std::get<1>(at::linalg_eigh((ritz + ritz.mT()) * 0.5)).narrow(-1, l - k, k).flip(-1);
+  auto E = at::matmul(X64, W).to(dtype);                                     // [..., s, k]
+  auto other = wide ? at::matmul(E.mT(), A) : at::matmul(A, E);             // [..., k, n] or [..., m, k]
+  auto S = at::linalg_vector_norm(other, 2, at::IntArrayRef{wide ? -1 : -2});
+  sort_by_descending_values(S, {{&E, -1}, {&other, wide ? -2 : -1}});
   const auto safe_S = at::where(S > 0, S, at::ones_like(S));
   if (wide) {
-    auto Vh = at::take_along_dim(other, order.unsqueeze(-1), -2) / safe_S.unsqueeze(-1);
-    return {at::take_along_dim(E, order.unsqueeze(-2), -1).contiguous(), S.contiguous(), Vh.contiguous()};
+    return {E.contiguous(), S.contiguous(), (other / safe_S.unsqueeze(-1)).contiguous()};
   }
-  auto U = at::take_along_dim(other, order.unsqueeze(-2), -1) / safe_S.unsqueeze(-2);
-  return {U.contiguous(), S.contiguous(), at::take_along_dim(E, order.unsqueeze(-2), -1).mT().contiguous()};
+  return {(other / safe_S.unsqueeze(-2)).contiguous(), S.contiguous(), E.mT().contiguous()};
 }
 
 bool is_sketch_engine(const std::string& engine) {

@@ -275,3 +275,18 @@ def test_more_iterations_do_not_hurt(svd):
     ]
     assert residuals[1] <= residuals[0]
     assert residuals[1] <= 1.05
+
+
+@pytest.mark.parametrize("columns, blocks", [(255, 1), (256, 2), (700, 2), (1100, 3)])
+def test_gram_matrix_is_the_exactly_symmetric_product(columns, blocks):
+    """Block lower triangle plus mirrored copies equals ``XᵀX`` (float64 product)
+    for one block, two, and a column count the blocks do not divide."""
+    g = torch.Generator().manual_seed(columns)
+    X = torch.randn(2, 90, columns, generator=g)
+    assert lm.engines.gram_blocks(columns) == blocks
+    gram = lm.engines.gram_matrix(X)
+    expected = X.double().mT @ X.double()
+    assert gram.shape == (2, columns, columns) and gram.dtype == torch.float32
+    assert (gram.double() - expected).norm() <= 1e-6 * expected.norm()
+    if blocks > 1:
+        assert torch.equal(gram, gram.mT)

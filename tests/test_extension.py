@@ -149,13 +149,13 @@ def test_cpp_op_rejects_bad_arguments(op, args, match):
 def test_merge_same_with_and_without_extension(svd, monkeypatch):
     models = make_models(3, 24, seed=0)
     calls = []
-    twin = engines.centered_low_rank_sum
+    twin = engines.low_rank_factors  # the merge centers the stack it owns, then runs this op
 
     def counting_twin(*args):
         calls.append(args[2])
         return twin(*args)
 
-    monkeypatch.setattr(engines, "centered_low_rank_sum", counting_twin)
+    monkeypatch.setattr(engines, "low_rank_factors", counting_twin)
     with_extension = lm.cart_merge(models, rank_ratio=0.25, svd=svd, seed=2)
     assert calls == []  # the C++ op ran
     monkeypatch.setattr(ops, "has_kernel", lambda device_type: False)
@@ -176,3 +176,50 @@ def test_low_rank_approx_same_with_and_without_extension(monkeypatch):
     fallback = lm.low_rank_approx(A, 4, svd="krylov")
     rec = [(U * S.unsqueeze(-2)) @ Vh for U, S, Vh in (with_extension, fallback)]
     assert relative_error(rec[0], rec[1]) <= 1e-12
+
+
+@pytest.mark.parametrize("shape", [(2, 1100, 1030), (2, 300, 1100)])
+@pytest.mark.parametrize("engine", ["gram", "gram_subspace"])
+def test_blocked_gram_engines_match_twin(engine, shape):
+    """Shapes whose smaller side (≥ 256) takes the blocked Gram product, with
+    three blocks and with two, tall and wide: the C++ op equals its twin."""
+    A = _stack(shape, torch.float64) - _stack(shape, torch.float64).mean(0)
+    k = 20
+    omega = _omega(engine, k, *shape[1:], torch.float64)
+    cpp = ops.low_rank_factors(A, k, engine, 3, omega)
+    twin = engines.low_rank_factors(A, k, engine, 3, omega)
+    rec_cpp = (cpp[0] * cpp[1].unsqueeze(-2)) @ cpp[2]
+    rec_twin = (twin[0] * twin[1].unsqueeze(-2)) @ twin[2]
+    assert relative_error(rec_cpp, rec_twin) <= _tolerance(torch.float64)
+    assert relative_error(cpp[1], twin[1]) <= _tolerance(torch.float64)
+
+
+@pytest.mark.parametrize("engine", ["randomized", "krylov", "gram", "gram_subspace"])
+def test_factors_come_sorted_when_singular_values_tie(engine):
+    """All singular values equal (2 · orthonormal rows): the norms that give S come
+    out of the eigenvalues' order by rounding, so the reordering branch runs.
+    S is non-increasing, and each rank-1 term still pairs its own U and Vh
+    (U S Vh is an exact piece of A: A's rows project onto Vh's span unchanged)."""
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(3, 60, 40, generator=g, dtype=torch.float64))
+    A = 2.0 * Q.mT  # [3, 40, 60]
+    k = 10
+    omega = _omega(engine, k, 40, 60, torch.float64)
+    for factors in (ops.low_rank_factors(A, k, engine, 2, omega), engines.low_rank_factors(A, k, engine, 2, omega)):
+        U, S, Vh = factors
+        assert bool((S[..., :-1] >= S[..., 1:]).all())
+        assert torch.allclose(S, torch.full_like(S, 2.0), rtol=1e-12, atol=0)
+        assert torch.allclose(U.mT @ A, S.unsqueeze(-1) * Vh, atol=1e-12)  # Uᵀ A = S Vh, term by term
+
+
+def test_reordering_follows_the_values():
+    S = torch.tensor([[3.0, 1.0, 2.0], [5.0, 4.0, 6.0]])
+    U = torch.arange(12.0).reshape(2, 2, 3)  # k on the last axis
+    Vh = torch.arange(12.0).reshape(2, 3, 2)  # k on the second-to-last
+    sorted_S, sorted_U, sorted_Vh = engines._sort_by_descending_values(S, (U, -1), (Vh, -2))
+    assert torch.equal(sorted_S, torch.tensor([[3.0, 2.0, 1.0], [6.0, 5.0, 4.0]]))
+    assert torch.equal(sorted_U, torch.stack([U[0][:, [0, 2, 1]], U[1][:, [2, 0, 1]]]))
+    assert torch.equal(sorted_Vh, torch.stack([Vh[0][[0, 2, 1]], Vh[1][[2, 0, 1]]]))
+    already, U_first = torch.tensor([[3.0, 2.0, 2.0]]), U[:1]
+    same = engines._sort_by_descending_values(already, (U_first, -1))
+    assert same[0] is already and same[1] is U_first  # in order: nothing gathered
