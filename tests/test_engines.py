@@ -194,7 +194,8 @@ def test_auto_runs_the_cheaper_engine_with_the_accurate_settings(shape, k, picke
     m, n = shape
     settings = lm.cart.MergeSettings.create()
     engine, niter, width = settings.layer_engine(m, n, k)
-    assert (engine, niter, width) == (picked, lm.cart.ACCURATE_NITER, k + lm.cart.accurate_oversample(k))
+    assert (engine, niter) == (picked, lm.cart.ACCURATE_NITER)
+    assert width == lm.engines.sketch_width(k, lm.cart.accurate_oversample(k), m, n)
     gram, randomized = (lm.engines.engine_cost(name, m, n, k, niter, width) for name in ("gram_subspace", "randomized"))
     assert (picked == "randomized") == (randomized < gram)
     A = torch.randn(m, n, generator=torch.Generator().manual_seed(3))
@@ -208,8 +209,8 @@ def test_auto_runs_the_cheaper_engine_with_the_accurate_settings(shape, k, picke
 
 def test_explicit_iterations_and_oversampling_override_the_accurate_ones():
     settings = lm.cart.MergeSettings.create(svd="gram_subspace", niter=1, oversample=3)
-    assert settings.layer_engine(400, 64, 16) == ("gram_subspace", 1, 19)
-    assert lm.cart.MergeSettings.create(svd="randomized").layer_engine(400, 64, 16) == ("randomized", 2, 26)
+    assert settings.layer_engine(400, 64, 16) == ("gram_subspace", 1, 24)  # 16 + 3, rounded up to 8s
+    assert lm.cart.MergeSettings.create(svd="randomized").layer_engine(400, 64, 16) == ("randomized", 2, 32)
 
 
 def _power_law_stack(T: int, m: int, n: int, seed: int) -> torch.Tensor:
@@ -275,6 +276,14 @@ def test_more_iterations_do_not_hurt(svd):
     ]
     assert residuals[1] <= residuals[0]
     assert residuals[1] <= 1.05
+
+
+@pytest.mark.parametrize(
+    ("k", "oversample", "m", "n", "width"),
+    [(16, 10, 400, 64, 32), (16, 0, 400, 64, 16), (20, 10, 28, 50, 28), (1, 0, 5, 5, 5), (327, 163, 4096, 14336, 496)],
+)
+def test_sketch_width_is_rounded_up_to_eights_within_the_matrix(k, oversample, m, n, width):
+    assert lm.engines.sketch_width(k, oversample, m, n) == width
 
 
 @pytest.mark.parametrize("columns, blocks", [(255, 1), (256, 2), (700, 2), (1100, 3)])
