@@ -18,10 +18,11 @@ at::Tensor as_batch(const at::Tensor& Y) {
 }
 
 // X^T X in float64 for X [B, m, p] of float32 or float64: the products of
-// float32 entries are exact in float64, and no TF32 setting applies.
+// float32 entries are exact in float64, and no TF32 setting applies. The
+// symmetric gram_matrix: 3/4 of the flops from p = 256 on (on the CPU the float64
+// products were half of CholeskyQR2's time at [8, 4096, 496]).
 at::Tensor gram64(const at::Tensor& X) {
-  const auto X64 = X.to(at::kDouble);
-  return at::matmul(X64.mT(), X64);
+  return gram_matrix(X.to(at::kDouble));
 }
 
 }  // namespace

@@ -1,10 +1,8 @@
 // Batched steps without a loop over the matrices of a batch: a CholeskyQR2
 // orthonormaliser and a small SVD through the eigendecomposition of an l x l
 // Gram matrix. The CUDA path runs both as its EngineSteps, the CPU the second
-// (see low_rank.h); the
-// gram_subspace engine orthonormalises its iterations with CholeskyQR2 on every
-// device (on the CPU it beats Householder QR on those [s, l] blocks: 83 against
-// 95 ms for the whole 768 x 768, 8-task engine, benchmarks/NOTES.md).
+// (see low_rank.h): on the CPU, Householder QR is about as fast
+// (benchmarks/NOTES.md).
 //
 // Both are written with ATen calls only: on CUDA tensors every call below is a
 // batched cuBLAS / cuSOLVER call on torch's own handles and current stream.

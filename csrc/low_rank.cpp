@@ -11,6 +11,31 @@ at::Tensor householder_orthonormal_basis(const at::Tensor& Y) {
   return std::get<0>(at::linalg_qr(Y, "reduced"));
 }
 
+// Torch has no syrk, so the symmetry is used by hand: with the columns in B
+// blocks (about kGramBlockColumns wide, at least two), block row i is one
+// product X_i^T [X_0 ... X_i] and the blocks above the diagonal are copies, (B + 1) / 2B of the full product's flops (9/16 for
+// c = 4096: measured ~20 % faster than two halves on [2, 14336, 4096]). Below
+// kGramMinBlockedColumns the plain product is as fast. The twin:
+// lowrank_merge.engines.gram_matrix, whose gram_blocks() must agree with this.
+constexpr int64_t kGramBlockColumns = 512;
+constexpr int64_t kGramMinBlockedColumns = 256;
+
+at::Tensor gram_matrix(const at::Tensor& X) {
+  const auto c = X.size(-1);
+  if (c < kGramMinBlockedColumns) return at::matmul(X.mT(), X);
+  const auto blocks = std::max<int64_t>(2, (c + kGramBlockColumns - 1) / kGramBlockColumns);
+  auto sizes = X.sizes().vec();
+  sizes[sizes.size() - 2] = c;
+  auto gram = at::empty(sizes, X.options());
+  for (int64_t i = 0; i < blocks; ++i) {
+    const auto lo = i * c / blocks, hi = (i + 1) * c / blocks;
+    auto block_row = gram.narrow(-2, lo, hi - lo);
+    block_row.narrow(-1, 0, hi).copy_(at::matmul(X.narrow(-1, lo, hi - lo).mT(), X.narrow(-1, 0, hi)));
+    gram.narrow(-2, 0, lo).narrow(-1, lo, hi - lo).copy_(block_row.narrow(-1, 0, lo).mT());
+  }
+  return gram;
+}
+
 namespace {
 
 Factors exact_svd(const at::Tensor& A, int64_t k) {
@@ -37,32 +62,6 @@ Factors krylov_svd(
     blocks.push_back(block);
   }
   return steps.truncated_svd_of_projection(steps.orthonormal_basis(at::cat(blocks, -1)), A, k);
-}
-
-// X^T X for X [..., r, c], exactly symmetric. Torch has no syrk, so the symmetry
-// is used by hand: with the columns in B blocks (about kGramBlockColumns wide, at
-// least two), block row i is one product X_i^T [X_0 ... X_i] and the blocks above
-// the diagonal are copies, (B + 1) / 2B of the full product's flops (9/16 for
-// c = 4096: measured ~20 % faster than two halves on [2, 14336, 4096]). Below
-// kGramMinBlockedColumns the plain product is as fast. The twin:
-// lowrank_merge.engines.gram_matrix, whose gram_blocks() must agree with this.
-constexpr int64_t kGramBlockColumns = 512;
-constexpr int64_t kGramMinBlockedColumns = 256;
-
-at::Tensor gram_matrix(const at::Tensor& X) {
-  const auto c = X.size(-1);
-  if (c < kGramMinBlockedColumns) return at::matmul(X.mT(), X);
-  const auto blocks = std::max<int64_t>(2, (c + kGramBlockColumns - 1) / kGramBlockColumns);
-  auto sizes = X.sizes().vec();
-  sizes[sizes.size() - 2] = c;
-  auto gram = at::empty(sizes, X.options());
-  for (int64_t i = 0; i < blocks; ++i) {
-    const auto lo = i * c / blocks, hi = (i + 1) * c / blocks;
-    auto block_row = gram.narrow(-2, lo, hi - lo);
-    block_row.narrow(-1, 0, hi).copy_(at::matmul(X.narrow(-1, lo, hi - lo).mT(), X.narrow(-1, 0, hi)));
-    gram.narrow(-2, 0, lo).narrow(-1, lo, hi - lo).copy_(block_row.narrow(-1, 0, lo).mT());
-  }
-  return gram;
 }
 
 Factors gram_svd(const at::Tensor& A, int64_t k, const EngineSteps& steps) {
@@ -97,15 +96,18 @@ Factors gram_svd(const at::Tensor& A, int64_t k, const EngineSteps& steps) {
 // 1e-3 sigma_1, far below the ones a rank-k truncation keeps (the same floor as
 // the gram engine). H is formed and decomposed in float64.
 //
-// The iterations orthonormalise with CholeskyQR2 (falling back to Householder
-// where it breaks down) on every device: see batched_steps.h.
-Factors gram_subspace_svd(const at::Tensor& A, int64_t k, const at::Tensor& omega, int64_t niter) {
+// The iterations orthonormalise with the device's steps.orthonormal_basis, as
+// the other engines: Householder QR on the CPU (within 10 % of CholeskyQR2 either
+// way inside this engine, on ViT-B shapes and on [8, 4096, 14336];
+// benchmarks/NOTES.md), CholeskyQR2 on CUDA.
+Factors gram_subspace_svd(
+    const at::Tensor& A, int64_t k, const at::Tensor& omega, int64_t niter, const EngineSteps& steps) {
   const auto dtype = A.scalar_type();
   const bool wide = A.size(-2) < A.size(-1);
   const auto gram = gram_matrix(wide ? A.mT() : A);  // [..., s, s]
-  auto X = cholesky_qr2_orthonormal_basis(at::matmul(gram, omega.narrow(0, 0, gram.size(-1))));
+  auto X = steps.orthonormal_basis(at::matmul(gram, omega.narrow(0, 0, gram.size(-1))));
   for (int64_t i = 0; i < niter; ++i) {
-    X = cholesky_qr2_orthonormal_basis(at::matmul(gram, X));
+    X = steps.orthonormal_basis(at::matmul(gram, X));
   }
   const auto X64 = X.to(at::kDouble);
   const auto ritz = at::matmul(X64.mT(), at::matmul(gram, X).to(at::kDouble));  // [..., l, l]
@@ -159,7 +161,7 @@ Factors low_rank_factors_generic(
   if (engine == "exact") return exact_svd(A, k);
   if (engine == "gram") return gram_svd(A, k, steps);
   if (engine == "randomized") return randomized_svd(A, k, *omega, niter, steps);
-  if (engine == "gram_subspace") return gram_subspace_svd(A, k, *omega, niter);
+  if (engine == "gram_subspace") return gram_subspace_svd(A, k, *omega, niter, steps);
   return krylov_svd(A, k, *omega, niter, steps);
 }
 

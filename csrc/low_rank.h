@@ -20,6 +20,10 @@ using Factors = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // by Householder QR (at::linalg_qr, "reduced"): the CPU's orthonormaliser.
 at::Tensor householder_orthonormal_basis(const at::Tensor& Y);
 
+// X^T X [..., c, c] for X [..., r, c], exactly symmetric, in about (B + 1) / 2B
+// of the flops of the plain product (its block lower triangle in B column blocks).
+at::Tensor gram_matrix(const at::Tensor& X);
+
 // Top-k factors of Q Q^T A for an orthonormal Q [..., m, l], from the float64
 // eigendecomposition of the l x l Gram matrix of B = Q^T A (defined in
 // batched_steps.cpp): the last step of the engines on every device. It replaced

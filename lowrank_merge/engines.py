@@ -23,9 +23,11 @@ Engines (``svd=`` everywhere in the library):
   one product that forms ``G``, an iteration costs ``2 s² l`` instead of the
   ``4 m n l`` of a power iteration on ``A``, so ``niter`` can be large and the
   top-k subspace is as accurate as the dense SVD's on slowly decaying spectra,
-  at a fraction of the ``gram`` engine's dense ``eigh``. (The C++ op
-  orthonormalises these iterations with CholeskyQR2, this twin with
-  Householder QR: the same spans, so the results agree to rounding.)
+  at a fraction of the ``gram`` engine's dense ``eigh``.
+
+Every engine orthonormalises with Householder QR here and in the C++ CPU
+kernels; the CUDA kernels use CholeskyQR2 (the same spans, so the results
+agree to rounding).
 
 The randomized engines take the Gaussian test matrix ``omega`` ``[n, l]`` from
 the caller. One ``omega`` is shared by the T tasks of a layer, which makes every
@@ -83,7 +85,7 @@ def _flop_parts(engine: str, m: int, n: int, k: int, niter: int, width: int) -> 
     if engine == "gram_subspace":
         gram = mn * s * (gram_blocks(s) + 1) / gram_blocks(s)
         products = gram + 2.0 * s * s * l * (niter + 2) + 2.0 * mn * k
-        return products, 8.0 * s * l * l * (niter + 1) + 9.0 * l**3  # CholeskyQR2 (two passes), eigh
+        return products, 4.0 * s * l * l * (niter + 1) + 9.0 * l**3  # QR (factor and form Q), eigh
     basis = l * (niter + 1) if engine == "krylov" else l
     products = 2.0 * mn * l * (1 + 2 * niter) + 2.0 * mn * basis
     return products, 4.0 * (m + n) * l * l * (niter + 1) + 4.0 * n * basis**2 + 22.0 * basis**3
