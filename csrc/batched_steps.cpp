@@ -19,7 +19,7 @@ at::Tensor as_batch(const at::Tensor& Y) {
 
 // X^T X in float64 for X [B, m, p] of float32 or float64: the products of
 // float32 entries are exact in float64, and no TF32 setting applies. The
-// symmetric gram_matrix: 3/4 of the flops from p = 256 on (on the CPU the float64
+// symmetric gram_matrix: about 3/4 of the flops above p = 256 (on the CPU the float64
 // products were half of CholeskyQR2's time at [8, 4096, 496]).
 at::Tensor gram64(const at::Tensor& X) {
   return gram_matrix(X.to(at::kDouble));

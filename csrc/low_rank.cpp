@@ -12,23 +12,22 @@ at::Tensor householder_orthonormal_basis(const at::Tensor& Y) {
 }
 
 // Torch has no syrk, so the symmetry is used by hand: with the columns in B
-// blocks (about kGramBlockColumns wide, at least two), block row i is one
-// product X_i^T [X_0 ... X_i] and the blocks above the diagonal are copies, (B + 1) / 2B of the full product's flops (9/16 for
-// c = 4096: measured ~20 % faster than two halves on [2, 14336, 4096]). Below
-// kGramMinBlockedColumns the plain product is as fast. The twin:
-// lowrank_merge.engines.gram_matrix, whose gram_blocks() must agree with this.
-constexpr int64_t kGramBlockColumns = 512;
-constexpr int64_t kGramMinBlockedColumns = 256;
+// blocks of kGramBlockColumns (the last one narrower), block row i is one
+// product X_i^T [X_0 ... X_i] and the blocks above the diagonal are copies,
+// about (B + 1) / 2B of the full product's flops (2/3 at c = 768, 17/32 at
+// c = 4096; [2, 14336, 4096]: 5.3 s plain, 2.9 s blocked; 256 measured best or
+// near it against 128 ... 512, benchmarks/NOTES.md). The twin:
+// lowrank_merge.engines.gram_matrix, with the same block width.
+constexpr int64_t kGramBlockColumns = 256;
 
 at::Tensor gram_matrix(const at::Tensor& X) {
   const auto c = X.size(-1);
-  if (c < kGramMinBlockedColumns) return at::matmul(X.mT(), X);
-  const auto blocks = std::max<int64_t>(2, (c + kGramBlockColumns - 1) / kGramBlockColumns);
+  if (c <= kGramBlockColumns) return at::matmul(X.mT(), X);
   auto sizes = X.sizes().vec();
   sizes[sizes.size() - 2] = c;
   auto gram = at::empty(sizes, X.options());
-  for (int64_t i = 0; i < blocks; ++i) {
-    const auto lo = i * c / blocks, hi = (i + 1) * c / blocks;
+  for (int64_t lo = 0; lo < c; lo += kGramBlockColumns) {
+    const auto hi = std::min(c, lo + kGramBlockColumns);
     auto block_row = gram.narrow(-2, lo, hi - lo);
     block_row.narrow(-1, 0, hi).copy_(at::matmul(X.narrow(-1, lo, hi - lo).mT(), X.narrow(-1, 0, hi)));
     gram.narrow(-2, 0, lo).narrow(-1, lo, hi - lo).copy_(block_row.narrow(-1, 0, lo).mT());

@@ -286,7 +286,7 @@ def test_sketch_width_is_rounded_up_to_eights_within_the_matrix(k, oversample, m
     assert lm.engines.sketch_width(k, oversample, m, n) == width
 
 
-@pytest.mark.parametrize("columns, blocks", [(255, 1), (256, 2), (700, 2), (1100, 3)])
+@pytest.mark.parametrize("columns, blocks", [(255, 1), (256, 1), (257, 2), (700, 3), (1100, 5)])
 def test_gram_matrix_is_the_exactly_symmetric_product(columns, blocks):
     """Block lower triangle plus mirrored copies equals ``XᵀX`` (float64 product)
     for one block, two, and a column count the blocks do not divide."""

@@ -182,7 +182,7 @@ def test_low_rank_approx_same_with_and_without_extension(monkeypatch):
 @pytest.mark.parametrize("engine", ["gram", "gram_subspace"])
 def test_blocked_gram_engines_match_twin(engine, shape):
     """Shapes whose smaller side (≥ 256) takes the blocked Gram product, with
-    three blocks and with two, tall and wide: the C++ op equals its twin."""
+    five blocks and with two, tall and wide: the C++ op equals its twin."""
     A = _stack(shape, torch.float64) - _stack(shape, torch.float64).mean(0)
     k = 20
     omega = _omega(engine, k, *shape[1:], torch.float64)
