@@ -360,9 +360,13 @@ def test_console_script_and_module(tmp_path, sharded, fp32_models):
 
 
 SLOW_MERGE = """
-import sys, time
+import signal, sys, time
 import lowrank_merge.streaming as streaming
 from lowrank_merge.cli import main
+
+# Ctrl-C raises KeyboardInterrupt, as in a foreground shell: a test run from a
+# background job would otherwise inherit SIGINT as ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 merge_method_tensor = streaming.merge_method_tensor
 
