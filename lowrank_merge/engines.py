@@ -194,7 +194,7 @@ GRAM_BLOCK_COLUMNS = 256
 
 def gram_blocks(c: int) -> int:
     """How many column blocks :func:`gram_matrix` uses for ``c`` columns (1: the plain product)."""
-    return -(-c // GRAM_BLOCK_COLUMNS)
+    return max(1, -(-c // GRAM_BLOCK_COLUMNS))
 
 
 def gram_matrix(X: Tensor) -> Tensor:
@@ -206,7 +206,7 @@ def gram_matrix(X: Tensor) -> Tensor:
     (2/3 at c = 768, 17/32 at c = 4096; [2, 14336, 4096]: 5.3 s plain, 2.9 s blocked).
     """
     c = X.shape[-1]
-    if gram_blocks(c) == 1:
+    if c <= GRAM_BLOCK_COLUMNS:
         return X.mT @ X
     gram = X.new_empty(*X.shape[:-2], c, c)
     for lo in range(0, c, GRAM_BLOCK_COLUMNS):
