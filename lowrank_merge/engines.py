@@ -83,10 +83,10 @@ def _flop_parts(engine: str, m: int, n: int, k: int, niter: int, width: int) -> 
     s, mn, l = min(m, n), m * n, width
     if engine == "exact":
         return 0.0, 4.0 * mn * s + 8.0 * s**3
+    gram = mn * s * (gram_blocks(s) + 1) / gram_blocks(s)  # gram_matrix's block lower triangle
     if engine == "gram":
-        return mn * s * (gram_blocks(s) + 1) / gram_blocks(s) + 2.0 * mn * k, 9.0 * s**3
+        return gram + 2.0 * mn * k, 9.0 * s**3
     if engine == "gram_subspace":
-        gram = mn * s * (gram_blocks(s) + 1) / gram_blocks(s)
         products = gram + 2.0 * s * s * l * (niter + 2) + 2.0 * mn * k
         return products, 4.0 * s * l * l * (niter + 1) + 9.0 * l**3  # QR (factor and form Q), eigh
     basis = l * (niter + 1) if engine == "krylov" else l
@@ -134,7 +134,7 @@ def _truncated_svd_of_projection(Q: Tensor, A: Tensor, k: int) -> tuple[Tensor, 
     (see ``gram_eigh_svd_of_projection`` in csrc/batched_steps.cpp): ``S`` are the
     row norms of ``W_kᵀ B``, sorted; rows with ``S = 0`` give zero rows of ``Vh``."""
     small = (Q.mT @ A).double()  # [..., l, n]
-    W = torch.linalg.eigh(small @ small.mT).eigenvectors[..., -k:].flip(-1)  # ascending: the top k are last
+    W = torch.linalg.eigh(small @ small.mT).eigenvectors[..., -k:].flip(-1)  # the top k, descending
     P = W.mT @ small  # [..., k, n]
     S, W, P = _sort_by_descending_values(torch.linalg.vector_norm(P, dim=-1), (W, -1), (P, -2))
     Vh = P / torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-1)
@@ -230,7 +230,7 @@ def gram_subspace_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Ten
         X = _orthonormal_basis(gram @ X)
     X64 = X.double()
     ritz = X64.mT @ (gram @ X).double()  # [..., l, l]
-    W = torch.linalg.eigh((ritz + ritz.mT) * 0.5).eigenvectors[..., -k:].flip(-1)  # ascending: top k last
+    W = torch.linalg.eigh((ritz + ritz.mT) * 0.5).eigenvectors[..., -k:].flip(-1)  # the top k, descending
     E = (X64 @ W).to(A.dtype)  # top-k eigenvectors of the Gram matrix [..., s, k]
     other = E.mT @ A if wide else A @ E  # [..., k, n] or [..., m, k]
     S = torch.linalg.vector_norm(other, dim=-1 if wide else -2)
