@@ -172,6 +172,7 @@ void sort_by_descending_values(at::Tensor& S, std::initializer_list<FactorAxis> 
 EngineSteps batched_engine_steps() {
   EngineSteps steps;
   steps.orthonormal_basis = cholesky_qr2_orthonormal_basis;  // the small SVD is the default
+  steps.iteration_basis = cholesky_qr2_orthonormal_basis;
   return steps;
 }
 

@@ -1,8 +1,8 @@
 // Batched steps without a loop over the matrices of a batch: a CholeskyQR2
 // orthonormaliser and a small SVD through the eigendecomposition of an l x l
 // Gram matrix. The CUDA path runs both as its EngineSteps, the CPU the second
-// (see low_rank.h): on the CPU, Householder QR is about as fast
-// (benchmarks/NOTES.md).
+// (see low_rank.h): on the CPU, Householder QR is about as fast for the last
+// basis and LU faster for the power steps' (benchmarks/NOTES.md).
 //
 // Both are written with ATen calls only: on CUDA tensors every call below is a
 // batched cuBLAS / cuSOLVER call on torch's own handles and current stream.
@@ -49,7 +49,7 @@ struct FactorAxis {
 // run only when S is out of order; checking costs one host synchronisation.
 void sort_by_descending_values(at::Tensor& S, std::initializer_list<FactorAxis> factors);
 
-// The EngineSteps of the CUDA path: CholeskyQR2, and the default small SVD.
+// The EngineSteps of the CUDA path: CholeskyQR2 for both bases, and the default small SVD.
 EngineSteps batched_engine_steps();
 
 }  // namespace lowrank_merge

@@ -11,6 +11,45 @@ at::Tensor householder_orthonormal_basis(const at::Tensor& Y) {
   return std::get<0>(at::linalg_qr(Y, "reduced"));
 }
 
+namespace {
+
+// rows[b][i]: the row of Y that row i of L U came from, for each matrix b of a
+// batch, from LAPACK's 1-based interchanges `pivots` [B, p] (row i was swapped
+// with row pivots[i] - 1, for i = 0 .. p - 1 in order).
+at::Tensor rows_of_interchanges(const at::Tensor& pivots, int64_t m) {
+  const auto pivots_cpu = pivots.to(at::kCPU, at::kInt).contiguous();
+  const auto batch = pivots_cpu.size(0), p = pivots_cpu.size(1);
+  auto rows = at::arange(m, at::kLong).repeat({batch, 1});
+  auto row_of = rows.accessor<int64_t, 2>();
+  const auto swap_with = pivots_cpu.accessor<int32_t, 2>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t i = 0; i < p; ++i) std::swap(row_of[b][i], row_of[b][swap_with[b][i] - 1]);
+  }
+  return rows.to(pivots.device());
+}
+
+}  // namespace
+
+at::Tensor lu_iteration_basis(const at::Tensor& Y) {
+  const auto m = Y.size(-2), p = Y.size(-1);
+  if (p > m || p == 0) return householder_orthonormal_basis(Y);
+  const auto Yb = Y.dim() == 2 ? Y.unsqueeze(0) : Y.flatten(0, -3);  // [B, m, p]
+  // No error checks: a zero pivot (Y rank deficient) leaves a zero column below
+  // L's unit diagonal, and P L keeps full rank.
+  const auto [LU, pivots, info] = at::linalg_lu_factor_ex(Yb, /*pivot=*/true, /*check_errors=*/false);
+  // LU is column-major, so L^T [B, p, m] is the contiguous side: L's rows are
+  // permuted as L^T's columns (2-3x faster than tril and a row scatter on [B, m, p]).
+  auto Lt = LU.mT().triu(1);
+  Lt.diagonal(0, -2, -1).fill_(1);
+  const auto rows = rows_of_interchanges(pivots, m);  // L's row i is row rows[i] of P L
+  auto basis_t = at::empty_like(Lt).scatter_(-1, rows.unsqueeze(-2).expand({-1, p, -1}), Lt);
+  return basis_t.mT().reshape(Y.sizes());
+}
+
+at::Tensor column_major_product(const at::Tensor& left, const at::Tensor& right) {
+  return at::matmul(right.mT(), left.mT()).mT();
+}
+
 // Torch has no syrk, so the symmetry is used by hand: with the columns in B
 // blocks of kGramBlockColumns (the last one narrower), block row i is one
 // product X_i^T [X_0 ... X_i] and the blocks above the diagonal are copies,
@@ -42,22 +81,26 @@ Factors exact_svd(const at::Tensor& A, int64_t k) {
   return {U.narrow(-1, 0, k).contiguous(), S.narrow(-1, 0, k).contiguous(), Vh.narrow(-2, 0, k).contiguous()};
 }
 
+// Only the last basis, on which the small SVD projects, is orthonormalised;
+// the power steps before it take steps.iteration_basis (the same span).
 Factors randomized_svd(
     const at::Tensor& A, int64_t k, const at::Tensor& omega, int64_t niter, const EngineSteps& steps) {
-  auto Q = steps.orthonormal_basis(at::matmul(A, omega));
+  auto Y = column_major_product(A, omega);
   for (int64_t i = 0; i < niter; ++i) {
-    Q = steps.orthonormal_basis(at::matmul(A, steps.orthonormal_basis(at::matmul(A.mT(), Q))));
+    const auto Z = column_major_product(A.mT(), steps.iteration_basis(Y));
+    Y = column_major_product(A, steps.iteration_basis(Z));
   }
-  return steps.truncated_svd_of_projection(Q, A, k);
+  return steps.truncated_svd_of_projection(steps.orthonormal_basis(Y), A, k);
 }
 
 Factors krylov_svd(
     const at::Tensor& A, int64_t k, const at::Tensor& omega, int64_t niter, const EngineSteps& steps) {
-  auto block = steps.orthonormal_basis(at::matmul(A, omega));
+  auto block = steps.iteration_basis(column_major_product(A, omega));
   std::vector<at::Tensor> blocks{block};
   for (int64_t i = 0; i < niter; ++i) {
-    // Orthonormalising each block keeps its span and the iteration stable.
-    block = steps.orthonormal_basis(at::matmul(A, at::matmul(A.mT(), block)));
+    // A well-conditioned basis of each block keeps its span and the iteration
+    // stable; the final basis of all blocks is orthonormalised.
+    block = steps.iteration_basis(column_major_product(A, at::matmul(A.mT(), block)));
     blocks.push_back(block);
   }
   return steps.truncated_svd_of_projection(steps.orthonormal_basis(at::cat(blocks, -1)), A, k);
@@ -76,10 +119,10 @@ Factors gram_svd(const at::Tensor& A, int64_t k, const EngineSteps& steps) {
 // Subspace iteration on the smaller Gram matrix G (A^T A for a tall or square A,
 // A A^T for a wide one, s x s with s = min(m, n)), then Rayleigh-Ritz:
 //
-//   X = orth(G Omega[:s]) (the first s rows of the [n, l] sketch: a Gaussian
+//   X = G Omega[:s] (the first s rows of the [n, l] sketch: a Gaussian
 //       block too; for a wide A cheaper than A Omega, and one step further
 //       into the top subspace, as G's spectrum is A's squared),
-//   niter x X = orth(G X),
+//   niter x X = G basis(X),  then X = orth(X),
 //   H = X^T G X (l x l, float64) = W diag(s^2) W^T,  E = X W_k [s, k]
 //
 // E holds the top-k eigenvectors of G: the right singular vectors of a tall A,
@@ -95,19 +138,20 @@ Factors gram_svd(const at::Tensor& A, int64_t k, const EngineSteps& steps) {
 // 1e-3 sigma_1, far below the ones a rank-k truncation keeps (the same floor as
 // the gram engine). H is formed and decomposed in float64.
 //
-// The iterations orthonormalise with the device's steps.orthonormal_basis, as
-// the other engines: Householder QR on the CPU (within 10 % of CholeskyQR2 either
-// way inside this engine, on ViT-B shapes and on [8, 4096, 14336];
-// benchmarks/NOTES.md), CholeskyQR2 on CUDA.
+// basis: the device's steps.iteration_basis (LU on the CPU, CholeskyQR2 on CUDA);
+// orth: its steps.orthonormal_basis (Householder QR on the CPU, CholeskyQR2 on
+// CUDA; on the CPU CholeskyQR2 was within 10 % of Householder either way inside
+// this engine, on ViT-B shapes and on [8, 4096, 14336]; benchmarks/NOTES.md).
 Factors gram_subspace_svd(
     const at::Tensor& A, int64_t k, const at::Tensor& omega, int64_t niter, const EngineSteps& steps) {
   const auto dtype = A.scalar_type();
   const bool wide = A.size(-2) < A.size(-1);
   const auto gram = gram_matrix(wide ? A.mT() : A);  // [..., s, s]
-  auto X = steps.orthonormal_basis(at::matmul(gram, omega.narrow(0, 0, gram.size(-1))));
+  auto X = column_major_product(gram, omega.narrow(0, 0, gram.size(-1)));
   for (int64_t i = 0; i < niter; ++i) {
-    X = steps.orthonormal_basis(at::matmul(gram, X));
+    X = column_major_product(gram, steps.iteration_basis(X));
   }
+  X = steps.orthonormal_basis(X);
   const auto X64 = X.to(at::kDouble);
   const auto ritz = at::matmul(X64.mT(), at::matmul(gram, X).to(at::kDouble));  // [..., l, l]
   const auto l = X.size(-1);

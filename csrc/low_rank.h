@@ -20,6 +20,20 @@ using Factors = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // by Householder QR (at::linalg_qr, "reduced"): the CPU's orthonormaliser.
 at::Tensor householder_orthonormal_basis(const at::Tensor& Y);
 
+// A basis [..., m, p] of the columns of Y [..., m, p] (m >= p) for the power
+// steps of the sketch engines, which need the span of each iterate and a basis
+// well conditioned enough to multiply with, not an orthonormal one: P L from
+// Y = P L U (LU with partial pivoting; L is unit lower trapezoidal, |L_ij| <= 1,
+// so P L has full column rank even where Y has not), as in Halko et al.'s fbpca.
+// Three to eight times faster than Householder QR on the CPU (benchmarks/NOTES.md).
+// Wider Y (p > m) gets householder_orthonormal_basis's [m, m] basis.
+at::Tensor lu_iteration_basis(const at::Tensor& Y);
+
+// left @ right [..., m, p] laid out column-major (its transpose contiguous),
+// computed as (right^T left^T)^T: the layout in which LAPACK factorises (LU,
+// QR) without first copying. The sketch engines' iterates are made this way.
+at::Tensor column_major_product(const at::Tensor& left, const at::Tensor& right);
+
 // X^T X [..., c, c] for X [..., r, c], exactly symmetric, in about (B + 1) / 2B
 // of the flops of the plain product (its block lower triangle in B column blocks).
 at::Tensor gram_matrix(const at::Tensor& X);
@@ -31,13 +45,16 @@ at::Tensor gram_matrix(const at::Tensor& X);
 // 0.24 against 1.12 s for [8, 337, 4096] (benchmarks/NOTES.md, 2026-12-02).
 Factors gram_eigh_svd_of_projection(const at::Tensor& Q, const at::Tensor& A, int64_t k);
 
-// The two steps of the engines that a device may run its own way. The engines
+// The steps of the engines that a device may run its own way. The engines
 // themselves (which products, how many passes, in what order) stay shared, so a
-// device differs from the CPU only in these two functions. The defaults are what
-// the CPU runs; csrc/cuda/ passes CholeskyQR2 instead of Householder QR.
+// device differs from the CPU only in these functions. The defaults are what
+// the CPU runs; csrc/cuda/ passes CholeskyQR2 for both bases.
 struct EngineSteps {
-  // Y [..., m, p] -> an orthonormal basis Q [..., m, min(m, p)] of its columns.
+  // Y [..., m, p] -> an orthonormal basis Q [..., m, min(m, p)] of its columns:
+  // the last basis of an iteration, on which the small SVD projects.
   at::Tensor (*orthonormal_basis)(const at::Tensor& Y) = householder_orthonormal_basis;
+  // Y [..., m, p] -> a well-conditioned basis of its columns for the steps before.
+  at::Tensor (*iteration_basis)(const at::Tensor& Y) = lu_iteration_basis;
   // (Q [..., m, l] orthonormal, A [..., m, n], k) -> top-k factors of Q Q^T A.
   Factors (*truncated_svd_of_projection)(const at::Tensor& Q, const at::Tensor& A, int64_t k) =
       gram_eigh_svd_of_projection;

@@ -11,7 +11,7 @@ Engines (``svd=`` everywhere in the library):
 * ``"randomized"``: randomized subspace iteration (Halko, Martinsson & Tropp
   2011, Alg. 4.4): a Gaussian sketch of width ``k + oversample`` (rounded up
   to a multiple of 8, see :func:`sketch_width`), ``niter``
-  power iterations with re-orthonormalisation, then a small SVD.
+  power iterations, then a small SVD.
 * ``"krylov"``: randomized block Krylov iteration (Musco & Musco 2015): the
   same passes over ``A``, but the SVD is taken on the whole Krylov space
   ``[AΩ, (AAᵀ)AΩ, …]``, which is markedly more accurate for the same passes.
@@ -25,9 +25,11 @@ Engines (``svd=`` everywhere in the library):
   top-k subspace is as accurate as the dense SVD's on slowly decaying spectra,
   at a fraction of the ``gram`` engine's dense ``eigh``.
 
-Every engine orthonormalises with Householder QR here and in the C++ CPU
-kernels; the CUDA kernels use CholeskyQR2 (the same spans, so the results
-agree to rounding).
+The sketch engines' power steps keep each iterate's span with an LU basis
+(``P L`` of ``Y = P L U``, cheaper than QR and as good for the iteration), and
+only the last basis, on which the small SVD projects, is orthonormalised by
+Householder QR, here and in the C++ CPU kernels; the CUDA kernels use
+CholeskyQR2 for both (the same spans, so the results agree to rounding).
 
 The randomized engines take the Gaussian test matrix ``omega`` ``[n, l]`` from
 the caller. One ``omega`` is shared by the T tasks of a layer, which makes every
@@ -86,12 +88,19 @@ def _flop_parts(engine: str, m: int, n: int, k: int, niter: int, width: int) -> 
     gram = mn * s * (gram_blocks(s) + 1) / gram_blocks(s)  # gram_matrix's block lower triangle
     if engine == "gram":
         return gram + 2.0 * mn * k, 9.0 * s**3
+    # Factorisations: an LU iteration basis of r rows r·l², the final QR (factor
+    # and form Q) 4·r·l², a dense eigh 9·l³ (and the small SVD's float64 Gram 4·n·l²).
     if engine == "gram_subspace":
         products = gram + 2.0 * s * s * l * (niter + 2) + 2.0 * mn * k
-        return products, 4.0 * s * l * l * (niter + 1) + 9.0 * l**3  # QR (factor and form Q), eigh
-    basis = l * (niter + 1) if engine == "krylov" else l
-    products = 2.0 * mn * l * (1 + 2 * niter) + 2.0 * mn * basis
-    return products, 4.0 * (m + n) * l * l * (niter + 1) + 4.0 * n * basis**2 + 22.0 * basis**3
+        return products, s * l * l * niter + 4.0 * s * l * l + 9.0 * l**3
+    products_with_a = 2.0 * mn * l * (1 + 2 * niter)
+    if engine == "krylov":
+        basis = l * (niter + 1)
+        bases = m * l * l * (niter + 1) + 4.0 * m * basis**2
+    else:
+        basis = l
+        bases = (m + n) * l * l * niter + 4.0 * m * l * l
+    return products_with_a + 2.0 * mn * basis, bases + 4.0 * n * basis**2 + 22.0 * basis**3
 
 
 def engine_flops(engine: str, m: int, n: int, k: int, niter: int, width: int) -> float:
@@ -128,6 +137,50 @@ def _orthonormal_basis(Y: Tensor) -> Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
 
 
+def _rows_of_interchanges(pivots: Tensor, m: int) -> Tensor:
+    """``rows[b, i]``: the row of ``Y`` that row ``i`` of ``L U`` came from, for
+    LAPACK's 1-based interchanges ``pivots [B, p]`` (row ``i`` swapped with row
+    ``pivots[i] - 1``, for ``i = 0 … p - 1`` in order). ``[B, m]`` int64."""
+    rows = []
+    for swap_with in pivots.tolist():
+        row_of = list(range(m))
+        for i, j in enumerate(swap_with):
+            row_of[i], row_of[j - 1] = row_of[j - 1], row_of[i]
+        rows.append(row_of)
+    return torch.tensor(rows, dtype=torch.int64, device=pivots.device).reshape(len(rows), m)
+
+
+def _iteration_basis(Y: Tensor) -> Tensor:
+    """A basis ``[..., m, p]`` of the columns of ``Y [..., m, p]`` for the power
+    steps of the sketch engines, which need each iterate's span and a
+    well-conditioned basis, not an orthonormal one: ``P L`` from ``Y = P L U``
+    (LU with partial pivoting; ``L`` is unit lower trapezoidal with ``|L_ij| ≤ 1``,
+    so ``P L`` has full column rank even where ``Y`` has not), as in Halko et
+    al.'s fbpca. 3-8x faster than Householder QR on the CPU (benchmarks/NOTES.md).
+    A wider ``Y`` (``p > m``) gets the orthonormal ``[m, m]`` basis."""
+    m, p = Y.shape[-2:]
+    if p > m or p == 0:
+        return _orthonormal_basis(Y)
+    Yb = Y.reshape(-1, m, p)
+    # No error checks: a zero pivot (Y rank deficient) leaves a zero column
+    # below L's unit diagonal, and P L keeps full rank.
+    LU, pivots, _ = torch.linalg.lu_factor_ex(Yb)
+    # LU is column-major, so Lᵀ [B, p, m] is the contiguous side: L's rows are
+    # permuted as Lᵀ's columns.
+    Lt = LU.mT.triu(1)
+    Lt.diagonal(dim1=-2, dim2=-1).fill_(1)
+    rows = _rows_of_interchanges(pivots, m)  # L's row i is row rows[i] of P L
+    basis_t = torch.empty_like(Lt).scatter_(-1, rows.unsqueeze(-2).expand(-1, p, -1), Lt)
+    return basis_t.mT.reshape(Y.shape)
+
+
+def _column_major_product(left: Tensor, right: Tensor) -> Tensor:
+    """``left @ right`` laid out column-major (its transpose contiguous), computed
+    as ``(rightᵀ leftᵀ)ᵀ``: the layout in which LAPACK factorises (LU, QR)
+    without first copying. The sketch engines' iterates are made this way."""
+    return (right.mT @ left.mT).mT
+
+
 def _truncated_svd_of_projection(Q: Tensor, A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k SVD of ``Q Qᵀ A`` for an orthonormal ``Q`` ``[..., m, l]``, through the
     float64 eigendecomposition of the ``l × l`` Gram matrix of ``B = Qᵀ A``
@@ -160,18 +213,20 @@ def exact_svd(A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def randomized_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Tensor, Tensor, Tensor]:
-    Q = _orthonormal_basis(A @ omega)
+    Y = _column_major_product(A, omega)
     for _ in range(niter):
-        Q = _orthonormal_basis(A @ _orthonormal_basis(A.mT @ Q))
-    return _truncated_svd_of_projection(Q, A, k)
+        Z = _column_major_product(A.mT, _iteration_basis(Y))
+        Y = _column_major_product(A, _iteration_basis(Z))
+    return _truncated_svd_of_projection(_orthonormal_basis(Y), A, k)
 
 
 def krylov_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Tensor, Tensor, Tensor]:
-    block = _orthonormal_basis(A @ omega)
+    block = _iteration_basis(_column_major_product(A, omega))
     blocks = [block]
     for _ in range(niter):
-        # Orthonormalising each block keeps its span and the iteration stable.
-        block = _orthonormal_basis(A @ (A.mT @ block))
+        # A well-conditioned basis of each block keeps its span and the iteration
+        # stable; the final basis of all blocks is orthonormalised.
+        block = _iteration_basis(_column_major_product(A, A.mT @ block))
         blocks.append(block)
     Q = _orthonormal_basis(torch.cat(blocks, dim=-1))
     return _truncated_svd_of_projection(Q, A, k)
@@ -225,9 +280,10 @@ def gram_subspace_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Ten
     """
     wide = A.shape[-2] < A.shape[-1]
     gram = gram_matrix(A.mT if wide else A)  # [..., s, s]
-    X = _orthonormal_basis(gram @ omega[: gram.shape[-1]])
+    X = _column_major_product(gram, omega[: gram.shape[-1]])
     for _ in range(niter):
-        X = _orthonormal_basis(gram @ X)
+        X = _column_major_product(gram, _iteration_basis(X))
+    X = _orthonormal_basis(X)
     X64 = X.double()
     ritz = X64.mT @ (gram @ X).double()  # [..., l, l]
     W = torch.linalg.eigh((ritz + ritz.mT) * 0.5).eigenvectors[..., -k:].flip(-1)  # the top k, descending

@@ -253,7 +253,8 @@ def test_accurate_engines_match_the_float64_low_rank_sum_without_a_gap(shape):
 
 def test_gram_subspace_is_exact_on_low_rank_task_vectors():
     """LoRA-like task vectors of rank 6 < k + oversample: the Gram matrix is
-    singular, CholeskyQR2 falls back, and the result is the exact truncation."""
+    singular, so are the iterates (the LU bases keep full rank; on CUDA
+    CholeskyQR2 falls back), and the result is the exact truncation."""
     g = torch.Generator().manual_seed(8)
     A = (torch.randn(3, 300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 200, generator=g, dtype=torch.float64))
     for k in (4, 6):
@@ -299,3 +300,42 @@ def test_gram_matrix_is_the_exactly_symmetric_product(columns, blocks):
     assert (gram.double() - expected).norm() <= 1e-6 * expected.norm()
     if blocks > 1:
         assert torch.equal(gram, gram.mT)
+
+
+def _projector(Y: torch.Tensor) -> torch.Tensor:
+    Q = torch.linalg.qr(Y.double()).Q
+    return Q @ Q.mT
+
+
+def test_iteration_basis_spans_the_columns_with_bounded_entries():
+    """``P L`` of ``Y = P L U`` spans what ``Y`` spans (projectors equal to
+    rounding), on a batch of two leading dimensions and on one matrix; its
+    entries are at most 1 in magnitude, and its rows are ``L``'s, permuted."""
+    g = torch.Generator().manual_seed(11)
+    Y = torch.randn(2, 3, 50, 12, generator=g, dtype=torch.float64)
+    for Yi in (Y, Y[1, 2]):
+        basis = lm.engines._iteration_basis(Yi)
+        assert basis.shape == Yi.shape
+        assert (_projector(basis) - _projector(Yi)).abs().max() <= 1e-12
+        assert basis.abs().max() <= 1.0
+        assert torch.equal((basis == 1).sum(dim=-2), torch.ones(Yi.shape[:-2] + (12,), dtype=torch.int64))
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_iteration_basis_keeps_full_rank_where_the_iterate_has_not(rank):
+    """A rank-deficient or zero iterate (task vectors of low rank, a task equal
+    to the average): the basis stays finite and of full column rank, and
+    contains the iterate's columns."""
+    g = torch.Generator().manual_seed(rank)
+    Y = torch.randn(50, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, 12, generator=g, dtype=torch.float64)
+    basis = lm.engines._iteration_basis(Y)
+    assert torch.isfinite(basis).all()
+    assert torch.linalg.matrix_rank(basis) == 12
+    assert (Y - _projector(basis) @ Y).norm() <= 1e-12 * max(1.0, Y.norm().item())
+
+
+def test_iteration_basis_of_a_wide_iterate_is_orthonormal_and_square():
+    Y = torch.randn(6, 9, dtype=torch.float64)
+    basis = lm.engines._iteration_basis(Y)
+    assert basis.shape == (6, 6)
+    assert torch.allclose(basis.mT @ basis, torch.eye(6, dtype=torch.float64), atol=1e-12)

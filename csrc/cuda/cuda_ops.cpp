@@ -8,9 +8,10 @@
 // and the private op _cholesky_qr2 (defined in csrc/ops.cpp) for the tests.
 //
 // The engines are the CPU's (low_rank_factors_generic in csrc/low_rank.cpp, the
-// same products in the same order) with two steps swapped for batched GPU
-// versions (csrc/batched_steps.cpp): CholeskyQR2 instead of Householder QR,
-// and the small SVD through an l x l Gram eigendecomposition. The "exact"
+// same products in the same order) with the bases swapped for a batched GPU
+// one (csrc/batched_steps.cpp): CholeskyQR2 instead of Householder QR for the
+// last basis and of LU for the power steps' (the small SVD, through an l x l
+// Gram eigendecomposition, is every device's). The "exact"
 // engine is at::linalg_svd on the whole [T, m, n] batch, as on the CPU. Every
 // ATen call runs on torch's cuBLAS/cuSOLVER handles and the current CUDA
 // stream; the centering kernel is launched on that stream too.
