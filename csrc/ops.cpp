@@ -5,9 +5,8 @@
 // lowrank_merge::centered_low_rank_sum(Tensor stack, int k, str engine, int niter, Tensor? omega)
 //     -> (Tensor average, Tensor delta)
 //
-// and one private op for the tests:
-//
-// lowrank_merge::_cholesky_qr2(Tensor Y) -> (Tensor Q, Tensor fell_back)
+// and private ops: _cholesky_qr2 for the tests, _begin_huge_pages and
+// _end_huge_pages for the Python layer.
 //
 // The CUDA kernels of the same ops live in csrc/cuda/ and are registered there.
 #include <Python.h>
@@ -15,6 +14,7 @@
 #include <torch/library.h>
 
 #include "batched_steps.h"
+#include "huge_pages.h"
 #include "low_rank.h"
 
 namespace lowrank_merge {
@@ -35,6 +35,7 @@ Factors low_rank_factors_cpu(
     const at::Tensor& A, int64_t k, c10::string_view engine, int64_t niter, const std::optional<at::Tensor>& omega) {
   const std::string engine_name(engine);
   check_factor_args(A, k, engine_name, niter, omega);
+  HugePageScope huge_pages;
   return low_rank_factors_generic(A, k, engine_name, niter, omega);
 }
 
@@ -44,6 +45,7 @@ std::tuple<at::Tensor, at::Tensor> centered_low_rank_sum_cpu(
   const std::string engine_name(engine);
   TORCH_CHECK(stack.dim() == 3, "lowrank_merge: expected a [T, m, n] stack, got ", stack.dim(), " dims");
   check_factor_args(stack, k, engine_name, niter, omega);
+  HugePageScope huge_pages;
   auto [average, centered] = average_and_center_cpu(stack);
   auto [U, S, Vh] = low_rank_factors_generic(centered, k, engine_name, niter, omega);
   return {average, sum_of_reconstructions(U, S, Vh)};
@@ -66,6 +68,10 @@ TORCH_LIBRARY(lowrank_merge, m) {
   // Private: the CholeskyQR2 orthonormaliser alone, and which matrices of the
   // batch fell back to Householder QR. For tests (test_extension.py, test_cuda.py).
   m.def("_cholesky_qr2(Tensor Y) -> (Tensor Q, Tensor fell_back)");
+  // Private: open and close a huge-page scope (csrc/huge_pages.h) around the
+  // Python layer's per-layer work (lowrank_merge._ops.huge_page_allocations).
+  m.def("_begin_huge_pages() -> ()", &begin_huge_pages);
+  m.def("_end_huge_pages() -> ()", &end_huge_pages);
 }
 
 TORCH_LIBRARY_IMPL(lowrank_merge, CPU, m) {

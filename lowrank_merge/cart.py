@@ -394,9 +394,13 @@ def plan_tensor(name: str, meta: TensorMeta, settings: MergeSettings) -> TensorP
     return TensorPlan(name, "average", meta.shape)
 
 
+def _compute_device(tensors: Sequence[Tensor], settings: MergeSettings) -> torch.device:
+    return settings.device or tensors[0].device
+
+
 def _stack(tensors: Sequence[Tensor], settings: MergeSettings) -> Tensor:
     """``[T, ...]`` in the compute dtype on the compute device, in one copy per input."""
-    device = settings.device or tensors[0].device
+    device = _compute_device(tensors, settings)
     stack = torch.empty((len(tensors), *tensors[0].shape), dtype=settings.compute_dtype, device=device)
     for slot, tensor in zip(stack, tensors):
         slot.copy_(tensor)
@@ -411,10 +415,11 @@ def _tensor_parts(
 ) -> tuple[Tensor, _Part | None]:
     if plan.action == "copy":
         return tensors[0], None
-    stack = _stack(tensors, settings)
-    if plan.action == "average":
-        return stack.mean(dim=0), None
-    return layer(stack, plan.rank, settings, plan.name, owned=True)  # the stack is this call's copy
+    with _ops.huge_page_allocations(_compute_device(tensors, settings)):
+        stack = _stack(tensors, settings)
+        if plan.action == "average":
+            return stack.mean(dim=0), None
+        return layer(stack, plan.rank, settings, plan.name, owned=True)  # the stack is this call's copy
 
 
 @torch.no_grad()

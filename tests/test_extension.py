@@ -4,6 +4,8 @@ and without the extension."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -223,3 +225,29 @@ def test_reordering_follows_the_values():
     already, U_first = torch.tensor([[3.0, 2.0, 2.0]]), U[:1]
     same = engines._sort_by_descending_values(already, (U_first, -1))
     assert same[0] is already and same[1] is U_first  # in order: nothing gathered
+
+
+HUGE_PAGE = 2 << 20
+
+
+def test_large_buffers_of_the_cpu_ops_are_huge_page_aligned_only_inside_the_op():
+    """The CPU ops back allocations of at least 2 MiB by huge pages (2 MiB
+    aligned, madvised) while they run: the outputs carry that alignment and stay
+    valid after the op (they free themselves), and afterwards torch allocates
+    as before (its 64-byte alignment: of three 3 MiB tensors, not all on a
+    2 MiB boundary, unless THP_MEM_ALLOC_ENABLE makes torch itself align)."""
+    T, m, n = 3, 1024, 1024  # delta and average: 4 MiB each
+    stack = _stack((T, m, n), torch.float32)
+    k = 8
+    omega = _omega("randomized", k, m, n, torch.float32)
+    average, delta = torch.ops.lowrank_merge.centered_low_rank_sum(stack, k, "randomized", 2, omega)
+    assert average.data_ptr() % HUGE_PAGE == 0 and delta.data_ptr() % HUGE_PAGE == 0
+    expected_average, expected_delta = engines.centered_low_rank_sum(stack, k, "randomized", 2, omega)
+    assert relative_error(delta, expected_delta) <= _tolerance(torch.float32) * 10
+    assert torch.equal(average, expected_average)
+    U, S, Vh = torch.ops.lowrank_merge.low_rank_factors(stack, k, "randomized", 2, omega)
+    assert U.shape == (T, m, k) and torch.isfinite(U).all()
+    del average, delta, U, S, Vh  # freed by their own deleter, after the op
+    if "THP_MEM_ALLOC_ENABLE" not in os.environ:
+        after = [torch.empty(3 << 18) for _ in range(3)]
+        assert not all(t.data_ptr() % HUGE_PAGE == 0 for t in after)

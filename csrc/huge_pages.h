@@ -1,0 +1,38 @@
+// Transparent huge pages for the large CPU buffers of a layer.
+//
+// A merge allocates fresh buffers of tens of MB to GB per layer (the centered
+// stack, the Gram matrices, the iterates), and on Linux the first touch of
+// every 4 KiB page of a fresh allocation is a page fault: for a [8, 4096, 14336]
+// float32 layer about 2 s of its 17 s on the 2-core Intel VM. Backed by 2 MiB
+// pages (madvise MADV_HUGEPAGE, honoured where
+// /sys/kernel/mm/transparent_hugepage/enabled is "madvise" or "always", the
+// common defaults), the same allocations fault 512x less often; this is what
+// torch does for every allocation with THP_MEM_ALLOC_ENABLE=1, an environment
+// variable read once at start-up that a library cannot set
+// (benchmarks/NOTES.md, 2026-12-02, third session).
+#pragma once
+
+#include <c10/core/Allocator.h>
+
+namespace lowrank_merge {
+
+// A huge-page scope (below) opened and closed by hand; begin_huge_pages is
+// also the private op _begin_huge_pages, for the Python layer's stacks.
+// While at least one scope is open, CPU allocations of at least 2 MiB (from
+// any thread) are 2 MiB aligned and advised as huge pages; smaller ones, and
+// every allocation once the last scope has closed, go to torch's CPU allocator
+// as before. Memory allocated inside a scope may be freed after it: each
+// buffer carries its own deleter. Scopes nest and may overlap across threads.
+void begin_huge_pages();
+void end_huge_pages();  // raises if no scope is open
+
+// begin_huge_pages / end_huge_pages for the lifetime of the object.
+class HugePageScope {
+ public:
+  HugePageScope() { begin_huge_pages(); }
+  ~HugePageScope() { end_huge_pages(); }
+  HugePageScope(const HugePageScope&) = delete;
+  HugePageScope& operator=(const HugePageScope&) = delete;
+};
+
+}  // namespace lowrank_merge
