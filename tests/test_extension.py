@@ -251,3 +251,22 @@ def test_large_buffers_of_the_cpu_ops_are_huge_page_aligned_only_inside_the_op()
     if "THP_MEM_ALLOC_ENABLE" not in os.environ:
         after = [torch.empty(3 << 18) for _ in range(3)]
         assert not all(t.data_ptr() % HUGE_PAGE == 0 for t in after)
+
+
+def _all_huge_page_aligned(count: int = 3) -> bool:
+    return all(torch.empty(3 << 18).data_ptr() % HUGE_PAGE == 0 for _ in range(count))
+
+
+@pytest.mark.skipif("THP_MEM_ALLOC_ENABLE" in os.environ, reason="torch itself aligns large tensors")
+def test_huge_page_scope_from_python_nests_and_closes_on_errors():
+    cpu = torch.device("cpu")
+    assert not _all_huge_page_aligned()
+    with pytest.raises(KeyError):
+        with ops.huge_page_allocations(cpu):
+            with ops.huge_page_allocations(cpu):
+                assert _all_huge_page_aligned()
+            assert _all_huge_page_aligned()  # the outer scope is still open
+            raise KeyError("inside")
+    assert not _all_huge_page_aligned()
+    with pytest.raises(RuntimeError, match="without begin_huge_pages"):
+        torch.ops.lowrank_merge._end_huge_pages()
