@@ -159,6 +159,11 @@ class CheckpointReader:
     def _read(self, file: Path, name: str) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def will_need(self, name: str) -> None:
+        """Ask the kernel to start reading tensor ``name`` from disk into the
+        page cache now, so that a later :meth:`read` finds it there. A hint:
+        formats whose byte ranges are not known here ignore it."""
+
     def _add(self, name: str, meta: TensorMeta, file: Path) -> None:
         if name in self._metas:
             raise CheckpointError(f"{self.label}: tensor {name!r} appears in both {self._locations[name]} and {file}")
@@ -169,6 +174,21 @@ class CheckpointReader:
         return f"{type(self).__name__}({self.label!r}, {len(self._metas)} tensors in {len(self.files)} file(s))"
 
 
+def _safetensors_byte_ranges(file: Path, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """``name -> (offset, length)`` of each tensor's bytes in a safetensors file
+    whose header ``safe_open`` has already validated (an 8-byte little-endian
+    header size, the JSON header, then the data, which ``data_offsets`` index)."""
+    with open(file, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+    data_start = 8 + header_size
+    ranges = {}
+    for name in names:
+        begin, end = header[name]["data_offsets"]
+        ranges[name] = (data_start + begin, end - begin)
+    return ranges
+
+
 class SafetensorsReader(CheckpointReader):
     """``.safetensors`` files, read with ``safe_open`` one tensor at a time."""
 
@@ -176,6 +196,7 @@ class SafetensorsReader(CheckpointReader):
         self, label: str, files: Sequence[Path], source_dir: Path | None = None, index: Mapping[str, Path] | None = None
     ) -> None:
         super().__init__(label, source_dir, files)
+        self._byte_ranges: dict[str, tuple[int, int]] = {}  # name -> (file offset, length)
         wanted: dict[Path, set[str]] | None = None
         if index is not None:
             wanted = {}
@@ -193,6 +214,24 @@ class SafetensorsReader(CheckpointReader):
                 names = [name for name in names if name in wanted.get(file, ())]
             for name in names:
                 self._add(name, metas[name], file)
+            self._byte_ranges.update(_safetensors_byte_ranges(file, names))
+
+    def will_need(self, name: str) -> None:
+        # POSIX_FADV_WILLNEED starts the reads and returns; the merge asks for
+        # the next tensor while it merges the current one, so the disk and the
+        # CPU work at the same time (a cold read otherwise happens page by page,
+        # as the stack copies from the memory map).
+        if not hasattr(os, "posix_fadvise") or name not in self._byte_ranges:
+            return
+        start, length = self._byte_ranges[name]
+        try:
+            descriptor = os.open(self._locations[name], os.O_RDONLY)
+        except OSError:
+            return  # read() reports what is wrong with the file
+        try:
+            os.posix_fadvise(descriptor, start, length, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(descriptor)
 
     def _header(self, file: Path) -> tuple[list[str], dict[str, TensorMeta]]:
         from safetensors import safe_open

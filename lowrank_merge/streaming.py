@@ -194,18 +194,27 @@ def iterate_layers(
     prefetch: bool,
 ) -> Iterator[tuple[str, list[Tensor]]]:
     """``(name, [T tensors])`` in order; with ``prefetch`` the next name is read
-    in a background thread while the caller merges the current one."""
-    load, ready = _cuda_loader(readers, device) if device.type == "cuda" and prefetch else _cpu_loader(readers)
+    in a background thread while the caller merges the current one. Either way
+    the kernel is asked to read the next name's bytes from disk ahead
+    (:meth:`CheckpointReader.will_need`)."""
+    read_name, ready = _cuda_loader(readers, device) if device.type == "cuda" and prefetch else _cpu_loader(readers)
+
+    def load(position: int) -> object:
+        if position + 1 < len(names):
+            for reader in readers:
+                reader.will_need(names[position + 1])
+        return read_name(names[position])
+
     if not prefetch:
-        for name in names:
-            yield name, ready(load(name))
+        for position, name in enumerate(names):
+            yield name, ready(load(position))
         return
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowrank-merge-read")
     try:
-        future = pool.submit(load, names[0]) if names else None
+        future = pool.submit(load, 0) if names else None
         for position, name in enumerate(names):
             layer = ready(future.result())
-            future = pool.submit(load, names[position + 1]) if position + 1 < len(names) else None
+            future = pool.submit(load, position + 1) if position + 1 < len(names) else None
             yield name, layer
             del layer
     finally:

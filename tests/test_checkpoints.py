@@ -24,7 +24,7 @@ from lowrank_merge.checkpoints import (
     remove_stale_partials,
 )
 from lowrank_merge.config import ConfigError, MergeConfig, load_config, merge_record, parse_config
-from lowrank_merge.streaming import group_pattern, inspect_plan, merge_checkpoints, open_models
+from lowrank_merge.streaming import group_pattern, inspect_plan, iterate_layers, merge_checkpoints, open_models
 from lowrank_merge.validation import TensorMeta
 
 from _checkpoint_models import assert_same_state, leftovers, load_output, output_metadata, save_model, save_models, tiny_models
@@ -65,6 +65,51 @@ def test_reader_walks_tensors_in_file_order(tmp_path, models):
         header.pop("__metadata__", None)
         header_order += sorted(header, key=lambda name: header[name]["data_offsets"][0])
     assert reader.names() == header_order
+
+
+def test_safetensors_byte_ranges_are_each_tensors_bytes(tmp_path, models):
+    """What ``will_need`` asks the kernel to read ahead is exactly each tensor's data."""
+    folder = save_model(tmp_path / "m", models[0], shards=2)
+    reader = open_checkpoint(folder)
+    for name, tensor in models[0].items():
+        start, length = reader._byte_ranges[name]
+        with open(reader._locations[name], "rb") as handle:
+            handle.seek(start)
+            data = handle.read(length)
+        assert data == tensor.contiguous().flatten().view(torch.uint8).numpy().tobytes(), name
+        assert reader.will_need(name) is None
+
+
+def test_will_need_is_only_a_hint(tmp_path, models):
+    """A vanished file or a reader without byte ranges: nothing raised; read() reports."""
+    folder = save_model(tmp_path / "m", models[0], shards=1)
+    reader = open_checkpoint(folder)
+    name = next(iter(models[0]))
+    reader.files[0].unlink()
+    reader.will_need(name)
+    with pytest.raises(CheckpointError, match=name):
+        reader.read(name)
+    torch_reader = open_checkpoint(save_model(tmp_path / "t", models[0], shards=1, fmt="bin"))
+    torch_reader.will_need(name)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_layers_ask_for_the_next_tensor_before_reading_the_current(tmp_path, models, monkeypatch, prefetch):
+    readers = open_models(save_models(tmp_path, models[:2])).readers
+    names = readers[0].names()[:3]
+    events = []
+    real_read = SafetensorsReader.read
+    monkeypatch.setattr(SafetensorsReader, "will_need", lambda self, name: events.append(("ahead", self.label, name)))
+    monkeypatch.setattr(SafetensorsReader, "read", lambda self, name: events.append(("read", self.label, name)) or real_read(self, name))
+    for name, tensors in iterate_layers(readers, names, torch.device("cpu"), prefetch):
+        assert torch.equal(tensors[1], models[1][name])
+    labels = [reader.label for reader in readers]
+    expected = []
+    for position, name in enumerate(names):
+        if position + 1 < len(names):
+            expected += [("ahead", label, names[position + 1]) for label in labels]
+        expected += [("read", label, name) for label in labels]
+    assert events == expected
 
 
 def test_single_files_and_wrapped_state_dicts(tmp_path, models):
