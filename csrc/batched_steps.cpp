@@ -155,7 +155,7 @@ Factors gram_eigh_svd_of_projection(const at::Tensor& Q, const at::Tensor& A, in
   auto P = at::matmul(W.mT(), small);                                          // [..., k, n]
   auto S = at::linalg_vector_norm(P, 2, at::IntArrayRef{-1});
   sort_by_descending_values(S, {{&W, -1}, {&P, -2}});
-  auto Vh = P / at::where(S > 0, S, at::ones_like(S)).unsqueeze(-1);
+  auto Vh = P.div_(at::where(S > 0, S, at::ones_like(S)).unsqueeze(-1));  // P is this function's own
   return {at::matmul(Q, W.to(dtype)), S.to(dtype).contiguous(), Vh.to(dtype).contiguous()};
 }
 

@@ -162,10 +162,11 @@ Factors gram_subspace_svd(
   auto S = at::linalg_vector_norm(other, 2, at::IntArrayRef{wide ? -1 : -2});
   sort_by_descending_values(S, {{&E, -1}, {&other, wide ? -2 : -1}});
   const auto safe_S = at::where(S > 0, S, at::ones_like(S));
+  // other is this function's own product: normalised in place.
   if (wide) {
-    return {E.contiguous(), S.contiguous(), (other / safe_S.unsqueeze(-1)).contiguous()};
+    return {E.contiguous(), S.contiguous(), other.div_(safe_S.unsqueeze(-1)).contiguous()};
   }
-  return {(other / safe_S.unsqueeze(-2)).contiguous(), S.contiguous(), E.mT().contiguous()};
+  return {other.div_(safe_S.unsqueeze(-2)).contiguous(), S.contiguous(), E.mT().contiguous()};
 }
 
 bool is_sketch_engine(const std::string& engine) {

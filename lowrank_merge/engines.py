@@ -190,7 +190,7 @@ def _truncated_svd_of_projection(Q: Tensor, A: Tensor, k: int) -> tuple[Tensor, 
     W = torch.linalg.eigh(small @ small.mT).eigenvectors[..., -k:].flip(-1)  # the top k, descending
     P = W.mT @ small  # [..., k, n]
     S, W, P = _sort_by_descending_values(torch.linalg.vector_norm(P, dim=-1), (W, -1), (P, -2))
-    Vh = P / torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-1)
+    Vh = P.div_(torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-1))  # P is this function's own
     return Q @ W.to(A.dtype), S.to(A.dtype).contiguous(), Vh.to(A.dtype).contiguous()
 
 
@@ -292,9 +292,10 @@ def gram_subspace_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Ten
     S = torch.linalg.vector_norm(other, dim=-1 if wide else -2)
     S, E, other = _sort_by_descending_values(S, (E, -1), (other, -2 if wide else -1))
     safe_S = torch.where(S > 0, S, torch.ones_like(S))
+    # other is this function's own product: normalised in place.
     if wide:
-        return E.contiguous(), S.contiguous(), (other / safe_S.unsqueeze(-1)).contiguous()
-    return (other / safe_S.unsqueeze(-2)).contiguous(), S.contiguous(), E.mT.contiguous()
+        return E.contiguous(), S.contiguous(), other.div_(safe_S.unsqueeze(-1)).contiguous()
+    return other.div_(safe_S.unsqueeze(-2)).contiguous(), S.contiguous(), E.mT.contiguous()
 
 
 def low_rank_factors(
