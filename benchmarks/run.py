@@ -31,7 +31,10 @@ TIES and TSV-M, FusionBench's TSV-M and mergekit's task arithmetic / TIES
 (only where those packages import; a note is printed otherwise).
 
 **Reported**: wall time (median of ``--repeats`` warm runs when one run is
-under 1 s, else the single run), speed-up over the reference path, peak
+under 1 s, else the single run; with ``--warm-long-runs`` every method is
+called once untimed first, as it runs in a model with many layers of a shape:
+on VMs whose hypervisor backs fresh memory on first touch, a single cold run
+of a large case pays for that too), speed-up over the reference path, peak
 memory (CPU: the peak resident set above the one before the call, sampled from
 /proc/self/statm every millisecond during the first call; CUDA: torch's
 allocator peak above what was allocated before), the relative error
@@ -212,8 +215,9 @@ class PeakRSS:
         self.peak_extra = self.peak - self.start
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> dict:
-    """:func:`gpu_merge.measure` with the peak memory of its first call added."""
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, long_run: float = 1.0) -> dict:
+    """:func:`gpu_merge.measure` with the peak memory of its first call added
+    (a first call over ``long_run`` seconds is the measurement)."""
     first = {}
 
     def call():
@@ -227,7 +231,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> dict:
         first["peak"] = sampler.peak_extra
         return result
 
-    timing = measure(call, device, repeats)
+    timing = measure(call, device, repeats, long_run)
     if device.type != "cuda":
         timing["peak_extra_bytes"] = first["peak"]
     return timing
@@ -343,16 +347,16 @@ def run_case(case: Case, stacks: list[torch.Tensor] | None, args, device: torch.
         k_max = max(1, math.floor(max(args.ratios) * min(m, n)))
         if args.skip_reference:
             average = stack.mean(dim=0)
-            one = timed(lambda: torch.linalg.svd(stack[0] - average, full_matrices=False), device, args.repeats)
+            one = timed(lambda: torch.linalg.svd(stack[0] - average, full_matrices=False), device, args.repeats, args.long_run)
             one.pop("result")
             one.update(seconds=T * one["seconds"], extrapolated=f"1 task, extrapolated x{T}")
             shape_methods["reference"] = one
         else:
-            timing = timed(lambda: reference_delta(stack, k_max), device, args.repeats)
+            timing = timed(lambda: reference_delta(stack, k_max), device, args.repeats, args.long_run)
             timing.pop("result")
             shape_methods["reference"] = timing
         for name, fn in cheap_methods(stack).items():
-            timing = timed(fn, device, args.repeats)
+            timing = timed(fn, device, args.repeats, args.long_run)
             timing.pop("result")
             shape_methods[name] = timing
 
@@ -372,9 +376,9 @@ def run_case(case: Case, stacks: list[torch.Tensor] | None, args, device: torch.
 
             record("reference", shape_methods["reference"], reference_delta(stack, k, factors32) if factors32 else None)
             for engine in args.engines:
-                timing = timed(lambda: lm.cart_layer_parts(stack, k, svd=engine, compute_dtype=dtype), device, args.repeats)
+                timing = timed(lambda: lm.cart_layer_parts(stack, k, svd=engine, compute_dtype=dtype), device, args.repeats, args.long_run)
                 record(f"ours:{engine}", timing, timing["result"][1])
-            timing = timed(lambda: svd_lowrank_delta(stack, k), device, args.repeats)
+            timing = timed(lambda: svd_lowrank_delta(stack, k), device, args.repeats, args.long_run)
             record("torch.svd_lowrank", timing, timing["result"])
             for name, timing in shape_methods.items():
                 if name != "reference":
@@ -556,6 +560,8 @@ def header_lines(report: dict) -> list[str]:
         f"engines: randomized/krylov niter {DEFAULT_NITER}, oversample {DEFAULT_OVERSAMPLE}; "
         f"gram_subspace and auto (the default: per layer the cheaper of gram_subspace and randomized by "
         f"engine_cost) niter {ACCURATE_NITER}, oversample max(10, k // 2)",
+        "timing: " + ("every method called once untimed first (--warm-long-runs)" if report.get("warm_long_runs")
+                      else "runs over 1 s timed once, cold"),
     ]
 
 
@@ -574,10 +580,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (and OMP_NUM_THREADS of subprocesses)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warm-long-runs", action="store_true",
+                        help="call every method once untimed first, also when one call takes over 1 s")
     parser.add_argument("--no-streaming", action="store_true")
     parser.add_argument("--json", type=Path, help="write the full report as JSON here")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder of the markdown report")
     args = parser.parse_args(argv)
+    args.long_run = math.inf if args.warm_long_runs else 1.0
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
     args.engines = [e for e in args.engines.split(",") if e]
     for engine in args.engines:
@@ -600,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         "sgemm_gflops": rates["sgemm_flops"] / 1e9, "copy_gbps": rates["copy_bytes"] / 1e9,
         "ratios": args.ratios, "engines": args.engines, "default_engine": "auto",
         "skip_reference": args.skip_reference, "error_max_weights": args.error_max_weights,
+        "warm_long_runs": args.warm_long_runs,
         "memory_measure": "torch.cuda.max_memory_allocated above the allocated bytes before the call"
         if device.type == "cuda" else "peak RSS above the RSS before the call, sampled from /proc/self/statm every 1 ms",
         "cases": [], "notes": _NOTES,

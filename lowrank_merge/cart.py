@@ -28,6 +28,7 @@ from .engines import (
     gaussian_sketch,
     sketch_width,
     sum_of_reconstructions,
+    task_average,
 )
 from .selection import KeyFilter, rank_for
 from .validation import TensorMeta, check_compatible, check_merge_parameters, check_scale, check_tensor_values
@@ -242,7 +243,7 @@ def _per_layer(
     """``op(stack, k, engine, niter, omega, owned)`` with the merge's seeded
     sketch, or ``(average, None)`` where the delta is zero by identity."""
     if _delta_is_zero(stack.shape, k):
-        return stack.mean(dim=0), None
+        return task_average(stack), None
     with _reporting_out_of_memory(stack, k, settings, name):
         engine, niter, omega = _sketch_for(stack, k, settings)
         return op(stack, k, engine, niter, omega, owned)
@@ -255,7 +256,7 @@ def _average_and_center(stack: Tensor, owned: bool) -> tuple[Tensor, Tensor]:
     benchmarks/NOTES.md). Bitwise the same values either way."""
     if not owned:
         return average_and_center(stack)
-    average = stack.mean(dim=0)
+    average = task_average(stack)
     return average, stack.sub_(average)
 
 
@@ -418,7 +419,7 @@ def _tensor_parts(
     with _ops.huge_page_allocations(_compute_device(tensors, settings)):
         stack = _stack(tensors, settings)
         if plan.action == "average":
-            return stack.mean(dim=0), None
+            return task_average(stack), None
         return layer(stack, plan.rank, settings, plan.name, owned=True)  # the stack is this call's copy
 
 

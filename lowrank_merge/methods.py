@@ -42,11 +42,13 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from . import _ops
 from .cart import (
     DEFAULT_RANK_RATIO,
     DEFAULT_SCALE,
     MergeSettings,
     ModelLike,
+    _compute_device,
     _progress,
     _stack,
     as_state_dict,
@@ -57,6 +59,7 @@ from .cart import (
     plan_tensor,
     prepare_models,
 )
+from .engines import task_average
 from .selection import rank_for
 from .validation import TensorMeta, check_tensor_values
 
@@ -238,8 +241,9 @@ def _merge_by_rule(
     if plan.action == "copy":
         merged = first
     else:
-        stack = _stack(tensors, settings.compute)
-        merged = rule(name, stack, None if base is None else base.to(stack), settings)
+        with _ops.huge_page_allocations(_compute_device(tensors, settings.compute)):
+            stack = _stack(tensors, settings.compute)
+            merged = rule(name, stack, None if base is None else base.to(stack), settings)
     return combine_parts(merged, None, 0.0, output_dtype(plan, first, settings.compute), first.device)
 
 
@@ -267,7 +271,7 @@ def _is_matrix(name: str, stack: Tensor, settings: MethodSettings) -> bool:
 
 
 def _average(name: str, stack: Tensor, base: Tensor | None, settings: MethodSettings) -> Tensor:
-    return stack.mean(dim=0)
+    return task_average(stack)
 
 
 def _task_arithmetic(name: str, stack: Tensor, base: Tensor, settings: MethodSettings) -> Tensor:
@@ -461,7 +465,7 @@ def _concatenated(U: Tensor, S: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor, Ten
 
 def _non_matrix(stack: Tensor, base: Tensor, settings: MethodSettings) -> Tensor:
     """What TSV-M and Iso merge tensors they do not decompose to: θ_0 + scale · mean_t Δ_t."""
-    return base + settings.scale * stack.sub_(base).mean(dim=0)
+    return base + settings.scale * task_average(stack.sub_(base))
 
 
 def _tsv(name: str, stack: Tensor, base: Tensor, settings: MethodSettings) -> Tensor:

@@ -339,3 +339,18 @@ def test_iteration_basis_of_a_wide_iterate_is_orthonormal_and_square():
     basis = lm.engines._iteration_basis(Y)
     assert basis.shape == (6, 6)
     assert torch.allclose(basis.mT @ basis, torch.eye(6, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tasks", [2, 3, 8, 20])
+def test_task_average_has_the_bits_of_torch_mean(dtype, tasks):
+    """The sum-then-divide average is torch's mean over the task axis bit for
+    bit, on values spread over six decades (so a different summation order or
+    accumulator would show), in the twin and in the C++ op."""
+    g = torch.Generator().manual_seed(tasks)
+    scales = torch.logspace(-3, 3, tasks, dtype=dtype).view(tasks, 1, 1)
+    stack = torch.randn(tasks, 33, 257, generator=g, dtype=dtype) * scales
+    assert torch.equal(lm.engines.task_average(stack), stack.mean(dim=0))
+    if lm.extension_available():
+        average, _ = torch.ops.lowrank_merge.centered_low_rank_sum(stack, 1, "exact", 0, None)
+        assert torch.equal(average, stack.mean(dim=0))
