@@ -13,6 +13,8 @@
 namespace lowrank_merge {
 namespace {
 
+#if defined(__linux__)
+
 constexpr size_t kHugePageBytes = size_t{2} << 20;
 
 void free_huge_page_buffer(void* data) {
@@ -21,6 +23,7 @@ void free_huge_page_buffer(void* data) {
 
 // Allocations from kHugePageBytes up: posix_memalign + madvise, freed by
 // std::free. Smaller ones go to the allocator that was installed before.
+// (Its buffers are not reported to torch's memory profiler.)
 struct HugePageAllocator final : at::Allocator {
   at::Allocator* previous = nullptr;
 
@@ -29,9 +32,7 @@ struct HugePageAllocator final : at::Allocator {
     if (nbytes < kHugePageBytes || posix_memalign(&data, kHugePageBytes, nbytes) != 0) {
       return previous->allocate(nbytes);  // small, or the previous allocator reports the failure
     }
-#if defined(MADV_HUGEPAGE)
     madvise(data, nbytes, MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KiB
-#endif
     return {data, data, &free_huge_page_buffer, at::Device(at::kCPU)};
   }
 
@@ -40,24 +41,38 @@ struct HugePageAllocator final : at::Allocator {
   }
 };
 
+HugePageAllocator huge_page_allocator;
+
+void install_huge_page_allocator() {
+  huge_page_allocator.previous = c10::GetCPUAllocator();
+  c10::SetCPUAllocator(&huge_page_allocator);
+}
+
+void restore_previous_allocator() {
+  c10::SetCPUAllocator(huge_page_allocator.previous);
+}
+
+#else  // transparent huge pages are a Linux feature: scopes only count here
+
+void install_huge_page_allocator() {}
+void restore_previous_allocator() {}
+
+#endif
+
 std::mutex scope_mutex;
 int open_scopes = 0;
-HugePageAllocator huge_page_allocator;
 
 }  // namespace
 
 void begin_huge_pages() {
   std::lock_guard<std::mutex> lock(scope_mutex);
-  if (open_scopes++ == 0) {
-    huge_page_allocator.previous = c10::GetCPUAllocator();
-    c10::SetCPUAllocator(&huge_page_allocator);
-  }
+  if (open_scopes++ == 0) install_huge_page_allocator();
 }
 
 void end_huge_pages() {
   std::lock_guard<std::mutex> lock(scope_mutex);
   TORCH_CHECK(open_scopes > 0, "lowrank_merge: end_huge_pages without begin_huge_pages");
-  if (--open_scopes == 0) c10::SetCPUAllocator(huge_page_allocator.previous);
+  if (--open_scopes == 0) restore_previous_allocator();
 }
 
 }  // namespace lowrank_merge

@@ -16,7 +16,8 @@
 
 namespace lowrank_merge {
 
-// A huge-page scope (below) opened and closed by hand; begin_huge_pages is
+// A huge-page scope (below) opened and closed by hand (on Linux; elsewhere
+// scopes only count); begin_huge_pages is
 // also the private op _begin_huge_pages, for the Python layer's stacks.
 // While at least one scope is open, CPU allocations of at least 2 MiB (from
 // any thread) are 2 MiB aligned and advised as huge pages; smaller ones, and

@@ -5,6 +5,7 @@ and without the extension."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -230,6 +231,7 @@ def test_reordering_follows_the_values():
 HUGE_PAGE = 2 << 20
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are a Linux feature")
 def test_large_buffers_of_the_cpu_ops_are_huge_page_aligned_only_inside_the_op():
     """The CPU ops back allocations of at least 2 MiB by huge pages (2 MiB
     aligned, madvised) while they run: the outputs carry that alignment and stay
@@ -257,6 +259,7 @@ def _all_huge_page_aligned(count: int = 3) -> bool:
     return all(torch.empty(3 << 18).data_ptr() % HUGE_PAGE == 0 for _ in range(count))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are a Linux feature")
 @pytest.mark.skipif("THP_MEM_ALLOC_ENABLE" in os.environ, reason="torch itself aligns large tensors")
 def test_huge_page_scope_from_python_nests_and_closes_on_errors():
     cpu = torch.device("cpu")
