@@ -16,14 +16,14 @@
 
 namespace lowrank_merge {
 
-// A huge-page scope (below) opened and closed by hand (on Linux; elsewhere
-// scopes only count); begin_huge_pages is
-// also the private op _begin_huge_pages, for the Python layer's stacks.
-// While at least one scope is open, CPU allocations of at least 2 MiB (from
+// A huge-page scope (below) opened and closed by hand; the private ops
+// _begin_huge_pages / _end_huge_pages call these for the Python layer's stacks.
+// On Linux, while at least one scope is open, CPU allocations of at least 2 MiB (from
 // any thread) are 2 MiB aligned and advised as huge pages; smaller ones, and
 // every allocation once the last scope has closed, go to torch's CPU allocator
 // as before. Memory allocated inside a scope may be freed after it: each
 // buffer carries its own deleter. Scopes nest and may overlap across threads.
+// Elsewhere scopes only count.
 void begin_huge_pages();
 void end_huge_pages();  // raises if no scope is open
 
