@@ -395,17 +395,17 @@ def plan_tensor(name: str, meta: TensorMeta, settings: MergeSettings) -> TensorP
     return TensorPlan(name, "average", meta.shape)
 
 
-def _compute_device(tensors: Sequence[Tensor], settings: MergeSettings) -> torch.device:
-    return settings.device or tensors[0].device
-
-
-def _stack(tensors: Sequence[Tensor], settings: MergeSettings) -> Tensor:
-    """``[T, ...]`` in the compute dtype on the compute device, in one copy per input."""
-    device = _compute_device(tensors, settings)
-    stack = torch.empty((len(tensors), *tensors[0].shape), dtype=settings.compute_dtype, device=device)
-    for slot, tensor in zip(stack, tensors):
-        slot.copy_(tensor)
-    return stack
+@contextmanager
+def _layer_stack(tensors: Sequence[Tensor], settings: MergeSettings) -> Iterator[Tensor]:
+    """``[T, ...]`` in the compute dtype on the compute device, in one copy per
+    input; the stack and the layer's work in the ``with`` block allocate on
+    huge pages (:func:`_ops.huge_page_allocations`)."""
+    device = settings.device or tensors[0].device
+    with _ops.huge_page_allocations(device):
+        stack = torch.empty((len(tensors), *tensors[0].shape), dtype=settings.compute_dtype, device=device)
+        for slot, tensor in zip(stack, tensors):
+            slot.copy_(tensor)
+        yield stack
 
 
 def _tensor_parts(
@@ -416,8 +416,7 @@ def _tensor_parts(
 ) -> tuple[Tensor, _Part | None]:
     if plan.action == "copy":
         return tensors[0], None
-    with _ops.huge_page_allocations(_compute_device(tensors, settings)):
-        stack = _stack(tensors, settings)
+    with _layer_stack(tensors, settings) as stack:
         if plan.action == "average":
             return task_average(stack), None
         return layer(stack, plan.rank, settings, plan.name, owned=True)  # the stack is this call's copy

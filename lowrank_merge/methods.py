@@ -42,15 +42,13 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from . import _ops
 from .cart import (
     DEFAULT_RANK_RATIO,
     DEFAULT_SCALE,
     MergeSettings,
     ModelLike,
-    _compute_device,
+    _layer_stack,
     _progress,
-    _stack,
     as_state_dict,
     combine_parts,
     low_rank_approx,
@@ -241,8 +239,7 @@ def _merge_by_rule(
     if plan.action == "copy":
         merged = first
     else:
-        with _ops.huge_page_allocations(_compute_device(tensors, settings.compute)):
-            stack = _stack(tensors, settings.compute)
+        with _layer_stack(tensors, settings.compute) as stack:
             merged = rule(name, stack, None if base is None else base.to(stack), settings)
     return combine_parts(merged, None, 0.0, output_dtype(plan, first, settings.compute), first.device)
 
@@ -411,8 +408,8 @@ def _ties_prepass(settings: MethodSettings, source: TensorSource, labels: Sequen
             if not tensors[0].dtype.is_floating_point:
                 continue
             check_tensor_values(name, *_with_base(tensors, base, labels))
-            stack = _stack(tensors, settings.compute)
-            search.add(stack.sub_(base.to(stack)).abs_().reshape(len(tensors), -1))
+            with _layer_stack(tensors, settings.compute) as stack:
+                search.add(stack.sub_(base.to(stack)).abs_().reshape(len(tensors), -1))
         search.end_pass()
     return replace(settings, thresholds=search.thresholds())
 
