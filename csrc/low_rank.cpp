@@ -50,27 +50,43 @@ at::Tensor column_major_product(const at::Tensor& left, const at::Tensor& right)
   return at::matmul(right.mT(), left.mT()).mT();
 }
 
-// Torch has no syrk, so the symmetry is used by hand: with the columns in B
-// blocks of kGramBlockColumns (the last one narrower), block row i is one
-// product X_i^T [X_0 ... X_i] and the blocks above the diagonal are copies,
-// about (B + 1) / 2B of the full product's flops (2/3 at c = 768, 17/32 at
-// c = 4096; [2, 14336, 4096]: 5.3 s plain, 2.9 s blocked; 256 measured best or
-// near it against 128 ... 512, benchmarks/NOTES.md). The twin:
-// lowrank_merge.engines.gram_matrix, with the same block width.
+// Torch has no syrk, so the symmetry is used by hand, recursively: with the
+// columns halved, G = [[G11, G21^T], [G21, G22]], where G21 = X2^T X1 is one
+// large product, G11 and G22 recurse down to blocks of at most
+// kGramBlockColumns and the upper blocks are copies: about (B + 1) / 2B of the
+// full product's flops for B diagonal blocks (17/32 at c = 4096). The large
+// off-diagonal products run faster than the thin block rows of a one-level
+// split ([8, 14336, 4096]: 15.0 s against 18.3 s, benchmarks/NOTES.md). The
+// twin: lowrank_merge.engines.gram_matrix, with the same block width.
 constexpr int64_t kGramBlockColumns = 256;
+
+namespace {
+
+// Writes the diagonal block [lo, hi) x [lo, hi) of X^T X into gram.
+void fill_gram_block(const at::Tensor& X, at::Tensor& gram, int64_t lo, int64_t hi) {
+  const auto columns = [](const at::Tensor& t, int64_t from, int64_t to) { return t.narrow(-1, from, to - from); };
+  const auto block = [&](int64_t row_lo, int64_t row_hi, int64_t col_lo, int64_t col_hi) {
+    return columns(gram.narrow(-2, row_lo, row_hi - row_lo), col_lo, col_hi);
+  };
+  if (hi - lo <= kGramBlockColumns) {
+    block(lo, hi, lo, hi).copy_(at::matmul(columns(X, lo, hi).mT(), columns(X, lo, hi)));
+    return;
+  }
+  const auto mid = (lo + hi) / 2;
+  fill_gram_block(X, gram, lo, mid);
+  fill_gram_block(X, gram, mid, hi);
+  block(mid, hi, lo, mid).copy_(at::matmul(columns(X, mid, hi).mT(), columns(X, lo, mid)));
+  block(lo, mid, mid, hi).copy_(block(mid, hi, lo, mid).mT());
+}
+
+}  // namespace
 
 at::Tensor gram_matrix(const at::Tensor& X) {
   const auto c = X.size(-1);
-  if (c <= kGramBlockColumns) return at::matmul(X.mT(), X);
   auto sizes = X.sizes().vec();
   sizes[sizes.size() - 2] = c;
   auto gram = at::empty(sizes, X.options());
-  for (int64_t lo = 0; lo < c; lo += kGramBlockColumns) {
-    const auto hi = std::min(c, lo + kGramBlockColumns);
-    auto block_row = gram.narrow(-2, lo, hi - lo);
-    block_row.narrow(-1, 0, hi).copy_(at::matmul(X.narrow(-1, lo, hi - lo).mT(), X.narrow(-1, 0, hi)));
-    gram.narrow(-2, 0, lo).narrow(-1, lo, hi - lo).copy_(block_row.narrow(-1, 0, lo).mT());
-  }
+  fill_gram_block(X, gram, 0, c);
   return gram;
 }
 

@@ -86,7 +86,7 @@ def _flop_parts(engine: str, m: int, n: int, k: int, niter: int, width: int) -> 
     s, mn, l = min(m, n), m * n, width
     if engine == "exact":
         return 0.0, 4.0 * mn * s + 8.0 * s**3
-    gram = mn * s * (gram_blocks(s) + 1) / gram_blocks(s)  # gram_matrix's block lower triangle
+    gram = mn * s * (gram_blocks(s) + 1) / gram_blocks(s)  # gram_matrix's lower triangle
     if engine == "gram":
         return gram + 2.0 * mn * k, 9.0 * s**3
     # Factorisations: an LU iteration basis of r rows r·l², the final QR (factor
@@ -242,34 +242,47 @@ def gram_svd(A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return Vh.mT.contiguous(), S, U.mT.contiguous()
 
 
-#: ``gram_matrix`` splits ``X``'s columns into blocks this wide (the last one
-#: narrower) and forms only the block lower triangle of ``XᵀX``. 256 measured
-#: best or near it for c = 768 … 4096 against 128 … 512 (benchmarks/NOTES.md).
+#: ``gram_matrix`` halves ``X``'s columns until a diagonal block is at most this
+#: wide. 256 measured best or near it for c = 768 … 4096 (benchmarks/NOTES.md).
 GRAM_BLOCK_COLUMNS = 256
 
 
 def gram_blocks(c: int) -> int:
-    """How many column blocks :func:`gram_matrix` uses for ``c`` columns (1: the plain product)."""
-    return max(1, -(-c // GRAM_BLOCK_COLUMNS))
+    """How many diagonal blocks :func:`gram_matrix` forms for ``c`` columns (1: the plain product)."""
+    blocks = 1
+    while -(-c // blocks) > GRAM_BLOCK_COLUMNS:
+        blocks *= 2
+    return blocks
 
 
 def gram_matrix(X: Tensor) -> Tensor:
     """``XᵀX`` ``[..., c, c]`` for ``X [..., r, c]``, exactly symmetric.
 
-    Torch has no syrk, so the symmetry is used by hand: with the columns in B
-    blocks, block row i is one product ``X_iᵀ [X_0 … X_i]`` and the blocks above
-    the diagonal are copies: about ``(B + 1) / 2B`` of the full product's flops
-    (2/3 at c = 768, 17/32 at c = 4096; [2, 14336, 4096]: 5.3 s plain, 2.9 s blocked).
+    Torch has no syrk, so the symmetry is used by hand, recursively: with the
+    columns halved, ``G = [[G₁₁, G₂₁ᵀ], [G₂₁, G₂₂]]``, where ``G₂₁ = X₂ᵀX₁`` is one
+    large product, ``G₁₁`` and ``G₂₂`` recurse down to blocks of at most
+    ``GRAM_BLOCK_COLUMNS`` and the upper blocks are copies: about ``(B + 1) / 2B``
+    of the full product's flops for B diagonal blocks (5/8 at c = 768, 17/32 at
+    c = 4096). The off-diagonal products are as large as they can be, which the
+    BLAS runs faster than the thin block rows of a one-level split
+    ([8, 14336, 4096]: 15.0 s against 18.3 s, benchmarks/NOTES.md).
     """
     c = X.shape[-1]
-    if c <= GRAM_BLOCK_COLUMNS:
-        return X.mT @ X
     gram = X.new_empty(*X.shape[:-2], c, c)
-    for lo in range(0, c, GRAM_BLOCK_COLUMNS):
-        hi = min(c, lo + GRAM_BLOCK_COLUMNS)
-        gram[..., lo:hi, :hi] = X[..., lo:hi].mT @ X[..., :hi]
-        gram[..., :lo, lo:hi] = gram[..., lo:hi, :lo].mT
+    _fill_gram_block(X, gram, 0, c)
     return gram
+
+
+def _fill_gram_block(X: Tensor, gram: Tensor, lo: int, hi: int) -> None:
+    """Write the diagonal block ``gram[..., lo:hi, lo:hi]`` of ``XᵀX``."""
+    if hi - lo <= GRAM_BLOCK_COLUMNS:
+        gram[..., lo:hi, lo:hi] = X[..., lo:hi].mT @ X[..., lo:hi]
+        return
+    mid = (lo + hi) // 2
+    _fill_gram_block(X, gram, lo, mid)
+    _fill_gram_block(X, gram, mid, hi)
+    gram[..., mid:hi, lo:mid] = X[..., mid:hi].mT @ X[..., lo:mid]
+    gram[..., lo:mid, mid:hi] = gram[..., mid:hi, lo:mid].mT
 
 
 def gram_subspace_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Tensor, Tensor, Tensor]:
