@@ -3,8 +3,10 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -13,27 +15,112 @@
 namespace lowrank_merge {
 namespace {
 
+std::mutex scope_mutex;  // guards everything below
+int open_scopes = 0;
+
 #if defined(__linux__)
 
 constexpr size_t kHugePageBytes = size_t{2} << 20;
 
-void free_huge_page_buffer(void* data) {
-  std::free(data);
+// A buffer of the huge-page allocator: its start and its size.
+struct HugePageBuffer {
+  void* data;
+  size_t capacity;
+};
+
+// Buffers freed while a scope is open, kept for the next request of the same
+// size, and the byte counts that bound them.
+std::vector<HugePageBuffer> idle_buffers;
+size_t idle_bytes = 0;
+size_t live_bytes = 0;       // buffers handed out and not yet freed
+size_t peak_live_bytes = 0;  // the most live bytes since the outermost scope opened
+
+// Under scope_mutex. Frees idle buffers, smallest first, until `limit` bytes
+// or fewer are idle.
+void release_idle_buffers(size_t limit) {
+  std::sort(idle_buffers.begin(), idle_buffers.end(), [](const HugePageBuffer& a, const HugePageBuffer& b) {
+    return a.capacity > b.capacity;
+  });
+  while (idle_bytes > limit) {
+    std::free(idle_buffers.back().data);
+    idle_bytes -= idle_buffers.back().capacity;
+    idle_buffers.pop_back();
+  }
 }
 
-// Allocations from kHugePageBytes up: posix_memalign + madvise, freed by
-// std::free. Smaller ones go to the allocator that was installed before.
-// (Its buffers are not reported to torch's memory profiler.)
+// Under scope_mutex. The idle bytes a miss may keep with `live_after` bytes
+// live: what the peak of live bytes leaves room for, or the largest idle
+// buffer. That one is the costliest to fault in again, and when live bytes
+// grow from layer to layer (an in-memory merge keeping its outputs) the peak
+// leaves no room at all: the next layer would allocate it anyway.
+size_t idle_bytes_to_keep(size_t live_after) {
+  size_t largest = 0;
+  for (const auto& idle : idle_buffers) largest = std::max(largest, idle.capacity);
+  return std::max(peak_live_bytes > live_after ? peak_live_bytes - live_after : 0, largest);
+}
+
+// Under scope_mutex. An idle buffer of exactly `capacity` bytes (removed from
+// the idle list), or nullptr.
+void* take_idle_buffer(size_t capacity) {
+  const auto found = std::find_if(
+      idle_buffers.begin(), idle_buffers.end(), [&](const HugePageBuffer& idle) { return idle.capacity == capacity; });
+  if (found == idle_buffers.end()) return nullptr;
+  void* data = found->data;
+  idle_bytes -= capacity;
+  idle_buffers.erase(found);
+  return data;
+}
+
+void free_huge_page_buffer(void* context) {
+  auto* buffer = static_cast<HugePageBuffer*>(context);
+  {
+    std::lock_guard<std::mutex> lock(scope_mutex);
+    live_bytes -= buffer->capacity;
+    if (open_scopes > 0) {
+      idle_buffers.push_back(*buffer);
+      idle_bytes += buffer->capacity;
+    } else {
+      std::free(buffer->data);
+    }
+  }
+  delete buffer;
+}
+
+// Allocations from kHugePageBytes up: a buffer freed earlier in the scope
+// when one of exactly that size is idle (not rounded up to whole huge pages:
+// a tensor kept after the merge would hold the rest of its last page) (reuse touches no
+// page: on the 2-core VMs a fresh 2 MiB page costs 0.3-3 ms to fault in,
+// benchmarks/NOTES.md), else posix_memalign + madvise. On a miss, idle buffers
+// are freed, smallest first, as far as needed to keep live + idle bytes within
+// the peak of live bytes, or within one buffer of it (idle_bytes_to_keep), so
+// the reuse raises the memory a merge holds by one buffer at most; all of
+// them are freed when the last scope closes. Smaller allocations go to the allocator that
+// was installed before. (The buffers are not reported to torch's memory profiler.)
 struct HugePageAllocator final : at::Allocator {
   at::Allocator* previous = nullptr;
 
   at::DataPtr allocate(size_t nbytes) override {
+    if (nbytes < kHugePageBytes) return previous->allocate(nbytes);
+    const auto capacity = nbytes;
     void* data = nullptr;
-    if (nbytes < kHugePageBytes || posix_memalign(&data, kHugePageBytes, nbytes) != 0) {
-      return previous->allocate(nbytes);  // small, or the previous allocator reports the failure
+    {
+      std::lock_guard<std::mutex> lock(scope_mutex);
+      data = take_idle_buffer(capacity);
+      if (data == nullptr) {
+        release_idle_buffers(idle_bytes_to_keep(live_bytes + capacity));
+      }
+      live_bytes += capacity;
+      peak_live_bytes = std::max(peak_live_bytes, live_bytes);
     }
-    madvise(data, nbytes, MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KiB
-    return {data, data, &free_huge_page_buffer, at::Device(at::kCPU)};
+    if (data == nullptr) {
+      if (posix_memalign(&data, kHugePageBytes, capacity) != 0) {
+        std::lock_guard<std::mutex> lock(scope_mutex);
+        live_bytes -= capacity;
+        return previous->allocate(nbytes);  // the previous allocator reports the failure
+      }
+      madvise(data, capacity, MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KiB
+    }
+    return {data, new HugePageBuffer{data, capacity}, &free_huge_page_buffer, at::Device(at::kCPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -43,24 +130,29 @@ struct HugePageAllocator final : at::Allocator {
 
 HugePageAllocator huge_page_allocator;
 
+// Under scope_mutex, as the outermost scope opens and closes.
 void install_huge_page_allocator() {
+  peak_live_bytes = live_bytes;
   huge_page_allocator.previous = c10::GetCPUAllocator();
   c10::SetCPUAllocator(&huge_page_allocator);
 }
 
 void restore_previous_allocator() {
   c10::SetCPUAllocator(huge_page_allocator.previous);
+  release_idle_buffers(0);
+}
+
+HugePagePoolBytes pool_bytes() {
+  return {static_cast<int64_t>(idle_bytes), static_cast<int64_t>(live_bytes), static_cast<int64_t>(peak_live_bytes)};
 }
 
 #else  // transparent huge pages are a Linux feature: scopes only count here
 
 void install_huge_page_allocator() {}
 void restore_previous_allocator() {}
+HugePagePoolBytes pool_bytes() { return {0, 0, 0}; }
 
 #endif
-
-std::mutex scope_mutex;
-int open_scopes = 0;
 
 }  // namespace
 
@@ -73,6 +165,11 @@ void end_huge_pages() {
   std::lock_guard<std::mutex> lock(scope_mutex);
   TORCH_CHECK(open_scopes > 0, "lowrank_merge: end_huge_pages without begin_huge_pages");
   if (--open_scopes == 0) restore_previous_allocator();
+}
+
+HugePagePoolBytes huge_page_pool_bytes() {
+  std::lock_guard<std::mutex> lock(scope_mutex);
+  return pool_bytes();
 }
 
 }  // namespace lowrank_merge

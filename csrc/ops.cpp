@@ -75,6 +75,7 @@ TORCH_LIBRARY(lowrank_merge, m) {
   // Python layer's per-layer work (lowrank_merge._ops.huge_page_allocations).
   m.def("_begin_huge_pages() -> ()", &begin_huge_pages);
   m.def("_end_huge_pages() -> ()", &end_huge_pages);
+  m.def("_huge_page_pool_bytes() -> (int idle, int live, int peak_live)", &huge_page_pool_bytes);
 }
 
 TORCH_LIBRARY_IMPL(lowrank_merge, CPU, m) {

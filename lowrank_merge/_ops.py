@@ -94,8 +94,12 @@ def centered_low_rank_sum(
 def huge_page_allocations(device: torch.device) -> Iterator[None]:
     """Within: CPU allocations of at least 2 MiB are backed by transparent huge
     pages (``csrc/huge_pages.h``: a fresh buffer's first touch then faults per
-    2 MiB instead of per 4 KiB, about 2 s of 17 s on a [8, 4096, 14336] layer).
-    A no-op off the CPU and without the extension."""
+    2 MiB instead of per 4 KiB, about 2 s of 17 s on a [8, 4096, 14336] layer),
+    and a buffer freed within is reused by the next allocation of its size, so
+    a scope around a whole merge faults fresh pages in only for the first layer
+    of each shape (holding one buffer more than the scope's peak of live
+    buffers at most).
+    Scopes nest. A no-op off the CPU and without the extension."""
     if device.type != "cpu" or not has_kernel("cpu"):
         yield
         return

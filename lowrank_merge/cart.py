@@ -13,7 +13,7 @@ give the same result.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager as ContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -395,6 +395,15 @@ def plan_tensor(name: str, meta: TensorMeta, settings: MergeSettings) -> TensorP
     return TensorPlan(name, "average", meta.shape)
 
 
+def merge_allocations(settings: MergeSettings, state_dicts: Sequence[StateDict]) -> ContextManager[None]:
+    """The huge-page scope around a whole in-memory merge (the layers' own
+    scopes nest inside it): what one layer frees, the next layer of its shape
+    reuses instead of faulting fresh pages in (:func:`_ops.huge_page_allocations`)."""
+    first = next(iter(state_dicts[0].values()), None) if state_dicts else None
+    device = settings.device or (first.device if first is not None else torch.device("cpu"))
+    return _ops.huge_page_allocations(device)
+
+
 @contextmanager
 def _layer_stack(tensors: Sequence[Tensor], settings: MergeSettings) -> Iterator[Tensor]:
     """``[T, ...]`` in the compute dtype on the compute device, in one copy per
@@ -588,10 +597,11 @@ def cart_merge(
     )
     state_dicts, labels = prepare_models(models, base)
     _check_all_values(state_dicts, labels)
-    return {
-        name: merge_tensor(name, [sd[name] for sd in state_dicts], settings, labels)
-        for name in _progress(list(state_dicts[0]), progress, "CART merge")
-    }
+    with merge_allocations(settings, state_dicts):
+        return {
+            name: merge_tensor(name, [sd[name] for sd in state_dicts], settings, labels)
+            for name in _progress(list(state_dicts[0]), progress, "CART merge")
+        }
 
 
 @dataclass
@@ -646,8 +656,9 @@ def decompose_models(
     checked ``state_dicts`` (``tensor_parts`` or ``tensor_factors``), and the
     output ``(dtype, device)`` of each name."""
     parts, layouts = {}, {}
-    for name in _progress(list(state_dicts[0]), progress, description):
-        tensors = [sd[name] for sd in state_dicts]
-        parts[name] = parts_of(plans[name], tensors, settings)
-        layouts[name] = (output_dtype(plans[name], tensors[0], settings), tensors[0].device)
+    with merge_allocations(settings, state_dicts):
+        for name in _progress(list(state_dicts[0]), progress, description):
+            tensors = [sd[name] for sd in state_dicts]
+            parts[name] = parts_of(plans[name], tensors, settings)
+            layouts[name] = (output_dtype(plans[name], tensors[0], settings), tensors[0].device)
     return parts, layouts

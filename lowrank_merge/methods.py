@@ -52,6 +52,7 @@ from .cart import (
     as_state_dict,
     combine_parts,
     low_rank_approx,
+    merge_allocations,
     merge_tensor,
     output_dtype,
     plan_tensor,
@@ -648,11 +649,12 @@ def merge(
 
     for name, tensors, base_tensor in source():
         check_tensor_values(name, *_with_base(tensors, base_tensor, labels))
-    settings = prepare(settings, source, labels)
-    return {
-        name: merge_method_tensor(name, tensors, base_tensor, settings, labels)
-        for name, tensors, base_tensor in _progress(list(source()), progress, f"{method} merge")
-    }
+    with merge_allocations(settings.compute, state_dicts):
+        settings = prepare(settings, source, labels)
+        return {
+            name: merge_method_tensor(name, tensors, base_tensor, settings, labels)
+            for name, tensors, base_tensor in _progress(list(source()), progress, f"{method} merge")
+        }
 
 
 def _base_tensor(base_dict: Mapping[str, Tensor] | None, name: str, settings: MethodSettings) -> Tensor | None:

@@ -41,6 +41,7 @@ from .checkpoints import (
     open_checkpoint,
     small_files_to_copy,
 )
+from ._ops import huge_page_allocations
 from .cart import MergeSettings, TensorPlan, output_dtype, plan_tensor
 from .config import dtype_name, merge_record, record_yaml
 from .engines import engine_flops
@@ -345,17 +346,18 @@ def merge_names(
 
     try:
         started = time.perf_counter()
-        settings = prepare(settings, lambda: tensor_items(f"{spec.name} pre-pass"), inputs.labels)
-        for name, tensors, base_tensor in tensor_items(f"{spec.name} merge"):
-            try:
-                merged = merge_method_tensor(name, tensors, base_tensor, settings, inputs.labels)
-            except RuntimeError as error:  # most torch errors do not name the tensor
-                if repr(name) in str(error):
-                    raise
-                raise RuntimeError(f"while merging tensor {name!r}: {error}") from error
-            del tensors, base_tensor
-            writer.write(name, merged)
-            del merged
+        with huge_page_allocations(prepared.device):  # one scope: each layer reuses the previous layers' buffers
+            settings = prepare(settings, lambda: tensor_items(f"{spec.name} pre-pass"), inputs.labels)
+            for name, tensors, base_tensor in tensor_items(f"{spec.name} merge"):
+                try:
+                    merged = merge_method_tensor(name, tensors, base_tensor, settings, inputs.labels)
+                except RuntimeError as error:  # most torch errors do not name the tensor
+                    if repr(name) in str(error):
+                        raise
+                    raise RuntimeError(f"while merging tensor {name!r}: {error}") from error
+                del tensors, base_tensor
+                writer.write(name, merged)
+                del merged
     finally:
         if bar is not None:
             bar.close()

@@ -273,3 +273,44 @@ def test_huge_page_scope_from_python_nests_and_closes_on_errors():
     assert not _all_huge_page_aligned()
     with pytest.raises(RuntimeError, match="without begin_huge_pages"):
         torch.ops.lowrank_merge._end_huge_pages()
+
+
+def _pool_bytes() -> tuple[int, int, int]:
+    """(idle, live, peak live) bytes of the huge-page buffers."""
+    return tuple(torch.ops.lowrank_merge._huge_page_pool_bytes())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are a Linux feature")
+def test_huge_page_scope_reuses_freed_buffers_within_one_buffer_of_its_peak():
+    """A buffer freed in the scope serves the next request of its size; a miss
+    frees idle buffers, smallest first, until live + idle bytes fit the peak of
+    live bytes, but keeps the largest idle buffer; closing the scope frees them
+    all, and a buffer freed after the scope is not kept."""
+    MiB = 1 << 20
+
+    def buffer(mebibytes: float) -> torch.Tensor:
+        return torch.empty(int(mebibytes * MiB) // 4)
+
+    with ops.huge_page_allocations(torch.device("cpu")):
+        first = buffer(4)
+        address = first.data_ptr()
+        del first
+        assert _pool_bytes() == (4 * MiB, 0, 4 * MiB)
+        again = buffer(4)
+        assert again.data_ptr() == address and _pool_bytes() == (0, 4 * MiB, 4 * MiB)
+        other = buffer(6)  # a miss with nothing idle
+        assert _pool_bytes() == (0, 10 * MiB, 10 * MiB)
+        del other, again  # the 6 MiB freed first, then the 4 MiB
+        assert _pool_bytes() == (10 * MiB, 0, 10 * MiB)
+        kept = buffer(2)  # a miss: 2 + 10 > 10, the smaller 4 MiB is freed
+        assert _pool_bytes() == (6 * MiB, 2 * MiB, 10 * MiB)
+        grown = buffer(5.5)  # a miss: 7.5 + 6 > 10, but the largest idle buffer stays
+        assert _pool_bytes() == (6 * MiB, int(7.5 * MiB), 10 * MiB)
+        tiny = buffer(1.5)  # under 2 MiB: torch's allocator
+        assert _pool_bytes()[:2] == (6 * MiB, int(7.5 * MiB))
+        reused = buffer(6)
+        assert _pool_bytes() == (0, int(13.5 * MiB), int(13.5 * MiB))
+        del grown, reused
+    assert _pool_bytes() == (0, 2 * MiB, int(13.5 * MiB))  # closing frees the idle buffers
+    del kept, tiny
+    assert _pool_bytes()[:2] == (0, 0)  # freed after the scope: not kept
