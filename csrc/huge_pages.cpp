@@ -22,10 +22,10 @@ int open_scopes = 0;
 
 constexpr size_t kHugePageBytes = size_t{2} << 20;
 
-// A buffer of the huge-page allocator: its start and its size.
+// A buffer of the huge-page allocator.
 struct HugePageBuffer {
   void* data;
-  size_t capacity;
+  size_t bytes;
 };
 
 // Buffers freed while a scope is open, kept for the next request of the same
@@ -39,11 +39,11 @@ size_t peak_live_bytes = 0;  // the most live bytes since the outermost scope op
 // or fewer are idle.
 void release_idle_buffers(size_t limit) {
   std::sort(idle_buffers.begin(), idle_buffers.end(), [](const HugePageBuffer& a, const HugePageBuffer& b) {
-    return a.capacity > b.capacity;
+    return a.bytes > b.bytes;
   });
   while (idle_bytes > limit) {
     std::free(idle_buffers.back().data);
-    idle_bytes -= idle_buffers.back().capacity;
+    idle_bytes -= idle_buffers.back().bytes;
     idle_buffers.pop_back();
   }
 }
@@ -55,18 +55,18 @@ void release_idle_buffers(size_t limit) {
 // leaves no room at all: the next layer would allocate it anyway.
 size_t idle_bytes_to_keep(size_t live_after) {
   size_t largest = 0;
-  for (const auto& idle : idle_buffers) largest = std::max(largest, idle.capacity);
+  for (const auto& idle : idle_buffers) largest = std::max(largest, idle.bytes);
   return std::max(peak_live_bytes > live_after ? peak_live_bytes - live_after : 0, largest);
 }
 
-// Under scope_mutex. An idle buffer of exactly `capacity` bytes (removed from
+// Under scope_mutex. An idle buffer of exactly `bytes` bytes (removed from
 // the idle list), or nullptr.
-void* take_idle_buffer(size_t capacity) {
+void* take_idle_buffer(size_t bytes) {
   const auto found = std::find_if(
-      idle_buffers.begin(), idle_buffers.end(), [&](const HugePageBuffer& idle) { return idle.capacity == capacity; });
+      idle_buffers.begin(), idle_buffers.end(), [&](const HugePageBuffer& idle) { return idle.bytes == bytes; });
   if (found == idle_buffers.end()) return nullptr;
   void* data = found->data;
-  idle_bytes -= capacity;
+  idle_bytes -= bytes;
   idle_buffers.erase(found);
   return data;
 }
@@ -75,10 +75,10 @@ void free_huge_page_buffer(void* context) {
   auto* buffer = static_cast<HugePageBuffer*>(context);
   {
     std::lock_guard<std::mutex> lock(scope_mutex);
-    live_bytes -= buffer->capacity;
+    live_bytes -= buffer->bytes;
     if (open_scopes > 0) {
       idle_buffers.push_back(*buffer);
-      idle_bytes += buffer->capacity;
+      idle_bytes += buffer->bytes;
     } else {
       std::free(buffer->data);
     }
@@ -86,41 +86,39 @@ void free_huge_page_buffer(void* context) {
   delete buffer;
 }
 
-// Allocations from kHugePageBytes up: a buffer freed earlier in the scope
-// when one of exactly that size is idle (not rounded up to whole huge pages:
-// a tensor kept after the merge would hold the rest of its last page) (reuse touches no
-// page: on the 2-core VMs a fresh 2 MiB page costs 0.3-3 ms to fault in,
-// benchmarks/NOTES.md), else posix_memalign + madvise. On a miss, idle buffers
-// are freed, smallest first, as far as needed to keep live + idle bytes within
-// the peak of live bytes, or within one buffer of it (idle_bytes_to_keep), so
-// the reuse raises the memory a merge holds by one buffer at most; all of
-// them are freed when the last scope closes. Smaller allocations go to the allocator that
-// was installed before. (The buffers are not reported to torch's memory profiler.)
+// Allocations from kHugePageBytes up: an idle buffer of exactly that size
+// when there is one (reuse touches no fresh page; on the 2-core VMs a fresh
+// 2 MiB page costs 0.3-3 ms to fault in, benchmarks/NOTES.md), else
+// posix_memalign + madvise. Sizes are not rounded up to whole huge pages: a
+// tensor kept after the merge would hold the rest of its last page. On a
+// miss, idle buffers are freed, smallest first, as far as needed to keep live
+// + idle bytes within the peak of live bytes or within one buffer of it
+// (idle_bytes_to_keep): the reuse raises the memory a merge holds by one
+// buffer at most. The last scope's close frees them all. Smaller allocations
+// go to the allocator that was installed before. (The buffers are not
+// reported to torch's memory profiler.)
 struct HugePageAllocator final : at::Allocator {
   at::Allocator* previous = nullptr;
 
   at::DataPtr allocate(size_t nbytes) override {
     if (nbytes < kHugePageBytes) return previous->allocate(nbytes);
-    const auto capacity = nbytes;
     void* data = nullptr;
     {
       std::lock_guard<std::mutex> lock(scope_mutex);
-      data = take_idle_buffer(capacity);
-      if (data == nullptr) {
-        release_idle_buffers(idle_bytes_to_keep(live_bytes + capacity));
-      }
-      live_bytes += capacity;
+      data = take_idle_buffer(nbytes);
+      if (data == nullptr) release_idle_buffers(idle_bytes_to_keep(live_bytes + nbytes));
+      live_bytes += nbytes;
       peak_live_bytes = std::max(peak_live_bytes, live_bytes);
     }
     if (data == nullptr) {
-      if (posix_memalign(&data, kHugePageBytes, capacity) != 0) {
+      if (posix_memalign(&data, kHugePageBytes, nbytes) != 0) {
         std::lock_guard<std::mutex> lock(scope_mutex);
-        live_bytes -= capacity;
+        live_bytes -= nbytes;
         return previous->allocate(nbytes);  // the previous allocator reports the failure
       }
-      madvise(data, capacity, MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KiB
+      madvise(data, nbytes, MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KiB
     }
-    return {data, new HugePageBuffer{data, capacity}, &free_huge_page_buffer, at::Device(at::kCPU)};
+    return {data, new HugePageBuffer{data, nbytes}, &free_huge_page_buffer, at::Device(at::kCPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
