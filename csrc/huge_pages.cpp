@@ -6,9 +6,11 @@
 #include <algorithm>
 #include <cstdlib>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__linux__)
+#include <malloc.h>
 #include <sys/mman.h>
 #endif
 
@@ -28,6 +30,8 @@ struct HugePageBuffer {
   size_t bytes;
 };
 
+// The huge-page allocator's buffers handed out and not yet freed, by address.
+std::unordered_map<void*, size_t> live_buffers;
 // Buffers freed while a scope is open, kept for the next request of the same
 // size, and the byte counts that bound them.
 std::vector<HugePageBuffer> idle_buffers;
@@ -71,19 +75,52 @@ void* take_idle_buffer(size_t bytes) {
   return data;
 }
 
-void free_huge_page_buffer(void* context) {
-  auto* buffer = static_cast<HugePageBuffer*>(context);
+// Under scope_mutex. Hands a live buffer back: kept idle while a scope is
+// open, else freed.
+void release_live_buffer(std::unordered_map<void*, size_t>::iterator live) {
+  const HugePageBuffer buffer{live->first, live->second};
+  live_buffers.erase(live);
+  live_bytes -= buffer.bytes;
+  if (open_scopes > 0) {
+    idle_buffers.push_back(buffer);
+    idle_bytes += buffer.bytes;
+  } else {
+    std::free(buffer.data);
+  }
+}
+
+// The deleter of every buffer the allocator hands out.
+void free_huge_page_buffer(void* data) {
+  std::lock_guard<std::mutex> lock(scope_mutex);
+  const auto live = live_buffers.find(data);
+  TORCH_INTERNAL_ASSERT(live != live_buffers.end(), "lowrank_merge: freeing an unknown huge-page buffer");
+  release_live_buffer(live);
+}
+
+at::Allocator* previous_allocator = nullptr;  // torch's CPU allocator, installed again after the scopes
+
+// The raw deleter (at::Allocator::raw_deallocate, which oneDNN's buffers go
+// through) frees with whatever allocator is installed at that moment, so it
+// also meets pointers of the previous allocator: from before the scope, or
+// small. One of ours that was raw-freed by the previous allocator after the
+// scopes closed (glibc free, which posix_memalign allows) leaves a stale
+// address behind; should malloc hand that address out again, the block is
+// only taken for ours if it is at least as large as ours was, so no write can
+// overrun it.
+void free_raw_buffer(void* data) {
   {
     std::lock_guard<std::mutex> lock(scope_mutex);
-    live_bytes -= buffer->bytes;
-    if (open_scopes > 0) {
-      idle_buffers.push_back(*buffer);
-      idle_bytes += buffer->bytes;
-    } else {
-      std::free(buffer->data);
+    const auto live = live_buffers.find(data);
+    if (live != live_buffers.end()) {
+      if (malloc_usable_size(data) >= live->second) {
+        release_live_buffer(live);
+        return;
+      }
+      live_bytes -= live->second;  // stale: freed elsewhere
+      live_buffers.erase(live);
     }
   }
-  delete buffer;
+  previous_allocator->raw_deleter()(data);
 }
 
 // Allocations from kHugePageBytes up: an idle buffer of exactly that size
@@ -98,10 +135,8 @@ void free_huge_page_buffer(void* context) {
 // go to the allocator that was installed before. (The buffers are not
 // reported to torch's memory profiler.)
 struct HugePageAllocator final : at::Allocator {
-  at::Allocator* previous = nullptr;
-
   at::DataPtr allocate(size_t nbytes) override {
-    if (nbytes < kHugePageBytes) return previous->allocate(nbytes);
+    if (nbytes < kHugePageBytes) return previous_allocator->allocate(nbytes);
     void* data = nullptr;
     {
       std::lock_guard<std::mutex> lock(scope_mutex);
@@ -114,11 +149,24 @@ struct HugePageAllocator final : at::Allocator {
       if (posix_memalign(&data, kHugePageBytes, nbytes) != 0) {
         std::lock_guard<std::mutex> lock(scope_mutex);
         live_bytes -= nbytes;
-        return previous->allocate(nbytes);  // the previous allocator reports the failure
+        return previous_allocator->allocate(nbytes);  // the previous allocator reports the failure
       }
       madvise(data, nbytes, MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KiB
     }
-    return {data, new HugePageBuffer{data, nbytes}, &free_huge_page_buffer, at::Device(at::kCPU)};
+    {
+      std::lock_guard<std::mutex> lock(scope_mutex);
+      const auto [live, inserted] = live_buffers.try_emplace(data, nbytes);
+      if (!inserted) {  // a stale address (see free_raw_buffer), handed out again
+        live_bytes -= live->second;
+        live->second = nbytes;
+      }
+    }
+    // The context is the data pointer, as at::Allocator::raw_allocate requires.
+    return {data, data, &free_huge_page_buffer, at::Device(at::kCPU)};
+  }
+
+  at::DeleterFnPtr raw_deleter() const override {
+    return &free_raw_buffer;
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -131,12 +179,12 @@ HugePageAllocator huge_page_allocator;
 // Under scope_mutex, as the outermost scope opens and closes.
 void install_huge_page_allocator() {
   peak_live_bytes = live_bytes;
-  huge_page_allocator.previous = c10::GetCPUAllocator();
+  previous_allocator = c10::GetCPUAllocator();
   c10::SetCPUAllocator(&huge_page_allocator);
 }
 
 void restore_previous_allocator() {
-  c10::SetCPUAllocator(huge_page_allocator.previous);
+  c10::SetCPUAllocator(previous_allocator);
   release_idle_buffers(0);
 }
 

@@ -28,7 +28,8 @@ namespace lowrank_merge {
 // first layer of each shape); smaller ones, and every allocation once the last
 // scope has closed, go to torch's CPU allocator as before. Memory allocated
 // inside a scope may be freed after it: each buffer carries its own deleter.
-// Scopes nest and may overlap across threads.
+// Scopes nest and may overlap across threads. Raw allocations
+// (at::Allocator::raw_allocate: oneDNN's buffers) are served and freed alike.
 // Elsewhere scopes only count.
 void begin_huge_pages();
 void end_huge_pages();  // raises if no scope is open
