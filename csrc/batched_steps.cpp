@@ -2,6 +2,8 @@
 
 #include <vector>
 
+#include "cpu_matmul.h"
+
 namespace lowrank_merge {
 namespace {
 
@@ -148,7 +150,7 @@ Factors gram_eigh_svd_of_projection(const at::Tensor& Q, const at::Tensor& A, in
       k >= 1 && k <= l, "lowrank_merge: the sketch has ", l, " columns, fewer than the rank k = ", k,
       "; omega must be at least k wide");
   const auto dtype = A.scalar_type();
-  const auto small = at::matmul(Q.mT(), A).to(at::kDouble);  // [..., l, n]
+  const auto small = matrix_product(Q.mT(), A).to(at::kDouble);  // [..., l, n]
   const auto gram = at::matmul(small, small.mT());            // [..., l, l]
   // linalg_eigh: eigenvalues ascending, so the top k are the last k columns, flipped.
   auto W = std::get<1>(at::linalg_eigh(gram)).narrow(-1, l - k, k).flip(-1);  // [..., l, k]
@@ -156,7 +158,7 @@ Factors gram_eigh_svd_of_projection(const at::Tensor& Q, const at::Tensor& A, in
   auto S = at::linalg_vector_norm(P, 2, at::IntArrayRef{-1});
   sort_by_descending_values(S, {{&W, -1}, {&P, -2}});
   auto Vh = P.div_(at::where(S > 0, S, at::ones_like(S)).unsqueeze(-1));  // P is this function's own
-  return {at::matmul(Q, W.to(dtype)), S.to(dtype).contiguous(), Vh.to(dtype).contiguous()};
+  return {matrix_product(Q, W.to(dtype)), S.to(dtype).contiguous(), Vh.to(dtype).contiguous()};
 }
 
 void sort_by_descending_values(at::Tensor& S, std::initializer_list<FactorAxis> factors) {

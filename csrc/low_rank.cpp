@@ -1,6 +1,7 @@
 #include "low_rank.h"
 
 #include "batched_steps.h"
+#include "cpu_matmul.h"
 
 #include <algorithm>
 #include <vector>
@@ -47,7 +48,7 @@ at::Tensor lu_iteration_basis(const at::Tensor& Y) {
 }
 
 at::Tensor column_major_product(const at::Tensor& left, const at::Tensor& right) {
-  return at::matmul(right.mT(), left.mT()).mT();
+  return matrix_product(right.mT(), left.mT()).mT();
 }
 
 // Torch has no syrk, so the symmetry is used by hand, recursively: with the
@@ -62,20 +63,21 @@ constexpr int64_t kGramBlockColumns = 256;
 
 namespace {
 
-// Writes the diagonal block [lo, hi) x [lo, hi) of X^T X into gram.
-void fill_gram_block(const at::Tensor& X, at::Tensor& gram, int64_t lo, int64_t hi) {
-  const auto columns = [](const at::Tensor& t, int64_t from, int64_t to) { return t.narrow(-1, from, to - from); };
+// Writes the diagonal block [lo, hi) x [lo, hi) of X^T X into gram, from
+// rows = X^T [..., c, r] (row i is column i of X).
+void fill_gram_block(const at::Tensor& rows, at::Tensor& gram, int64_t lo, int64_t hi) {
+  const auto rows_of = [&](int64_t from, int64_t to) { return rows.narrow(-2, from, to - from); };
   const auto block = [&](int64_t row_lo, int64_t row_hi, int64_t col_lo, int64_t col_hi) {
-    return columns(gram.narrow(-2, row_lo, row_hi - row_lo), col_lo, col_hi);
+    return gram.narrow(-2, row_lo, row_hi - row_lo).narrow(-1, col_lo, col_hi - col_lo);
   };
   if (hi - lo <= kGramBlockColumns) {
-    block(lo, hi, lo, hi).copy_(at::matmul(columns(X, lo, hi).mT(), columns(X, lo, hi)));
+    block(lo, hi, lo, hi).copy_(matrix_product(rows_of(lo, hi), rows_of(lo, hi).mT()));
     return;
   }
   const auto mid = (lo + hi) / 2;
-  fill_gram_block(X, gram, lo, mid);
-  fill_gram_block(X, gram, mid, hi);
-  block(mid, hi, lo, mid).copy_(at::matmul(columns(X, mid, hi).mT(), columns(X, lo, mid)));
+  fill_gram_block(rows, gram, lo, mid);
+  fill_gram_block(rows, gram, mid, hi);
+  block(mid, hi, lo, mid).copy_(matrix_product(rows_of(mid, hi), rows_of(lo, mid).mT()));
   block(lo, mid, mid, hi).copy_(block(mid, hi, lo, mid).mT());
 }
 
@@ -86,7 +88,9 @@ at::Tensor gram_matrix(const at::Tensor& X) {
   auto sizes = X.sizes().vec();
   sizes[sizes.size() - 2] = c;
   auto gram = at::empty(sizes, X.options());
-  fill_gram_block(X, gram, 0, c);
+  // oneDNN copies a left operand that is not row-major: one copy of X up front
+  // instead of one per block (the BLAS reads the strided rows as they are).
+  fill_gram_block(uses_onednn(X) ? X.mT().contiguous() : X.mT(), gram, 0, c);
   return gram;
 }
 
@@ -116,7 +120,7 @@ Factors krylov_svd(
   for (int64_t i = 0; i < niter; ++i) {
     // A well-conditioned basis of each block keeps its span and the iteration
     // stable; the final basis of all blocks is orthonormalised.
-    block = steps.iteration_basis(column_major_product(A, at::matmul(A.mT(), block)));
+    block = steps.iteration_basis(column_major_product(A, matrix_product(A.mT(), block)));
     blocks.push_back(block);
   }
   return steps.truncated_svd_of_projection(steps.orthonormal_basis(at::cat(blocks, -1)), A, k);
@@ -169,12 +173,12 @@ Factors gram_subspace_svd(
   }
   X = steps.orthonormal_basis(X);
   const auto X64 = X.to(at::kDouble);
-  const auto ritz = at::matmul(X64.mT(), at::matmul(gram, X).to(at::kDouble));  // [..., l, l]
+  const auto ritz = at::matmul(X64.mT(), matrix_product(gram, X).to(at::kDouble));  // [..., l, l]
   const auto l = X.size(-1);
   // linalg_eigh: eigenvalues ascending, so the top k are the last k columns, flipped.
   const auto W = std::get<1>(at::linalg_eigh((ritz + ritz.mT()) * 0.5)).narrow(-1, l - k, k).flip(-1);
   auto E = at::matmul(X64, W).to(dtype);                                     // [..., s, k]
-  auto other = wide ? at::matmul(E.mT(), A) : at::matmul(A, E);             // [..., k, n] or [..., m, k]
+  auto other = wide ? matrix_product(E.mT(), A) : matrix_product(A, E);  // [..., k, n] or [..., m, k]
   auto S = at::linalg_vector_norm(other, 2, at::IntArrayRef{wide ? -1 : -2});
   sort_by_descending_values(S, {{&E, -1}, {&other, wide ? -2 : -1}});
   const auto safe_S = at::where(S > 0, S, at::ones_like(S));
@@ -228,7 +232,7 @@ Factors low_rank_factors_generic(
 at::Tensor sum_of_reconstructions(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh) {
   const auto T = U.size(0), m = U.size(1), k = U.size(2), n = Vh.size(2);
   auto left = (U * S.unsqueeze(-2)).transpose(0, 1).reshape({m, T * k});
-  return at::matmul(left, Vh.reshape({T * k, n}));
+  return matrix_product(left, Vh.reshape({T * k, n}));
 }
 
 }  // namespace lowrank_merge

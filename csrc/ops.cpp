@@ -5,8 +5,8 @@
 // lowrank_merge::centered_low_rank_sum(Tensor stack, int k, str engine, int niter, Tensor? omega)
 //     -> (Tensor average, Tensor delta)
 //
-// and private ops: _cholesky_qr2 for the tests, _begin_huge_pages and
-// _end_huge_pages for the Python layer.
+// and private ops: _cholesky_qr2 for the tests; _begin_huge_pages,
+// _end_huge_pages and _set_cpu_matmul_backend for the Python layer.
 //
 // The CUDA kernels of the same ops live in csrc/cuda/ and are registered there.
 #include <Python.h>
@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "batched_steps.h"
+#include "cpu_matmul.h"
 #include "huge_pages.h"
 #include "low_rank.h"
 
@@ -76,6 +77,11 @@ TORCH_LIBRARY(lowrank_merge, m) {
   m.def("_begin_huge_pages() -> ()", &begin_huge_pages);
   m.def("_end_huge_pages() -> ()", &end_huge_pages);
   m.def("_huge_page_pool_bytes() -> (int idle, int live, int peak_live)", &huge_page_pool_bytes);
+  // Private: which library runs the float32 CPU products (csrc/cpu_matmul.h);
+  // set by lowrank_merge.set_cpu_matmul_backend.
+  m.def("_set_cpu_matmul_backend(str name) -> ()", [](c10::string_view name) {
+    set_cpu_matmul_backend(std::string(name));
+  });
 }
 
 TORCH_LIBRARY_IMPL(lowrank_merge, CPU, m) {

@@ -11,7 +11,7 @@ baseline (``average``, ``task_arithmetic``, ``ties``, ``tsv``, ``iso_c``,
 and λ on a validation score for about the cost of one merge.
 """
 
-from ._ops import extension_available
+from ._ops import extension_available, set_cpu_matmul_backend
 from .cart import (
     DEFAULT_NITER,
     DEFAULT_RANK_RATIO,
@@ -26,7 +26,7 @@ from .cart import (
     merge_tensor,
     plan_tensor,
 )
-from .engines import ENGINES
+from .engines import CPU_MATMUL_BACKENDS, ENGINES, cpu_matmul_backend
 from .methods import (
     METHODS,
     MethodSettings,
@@ -56,6 +56,7 @@ __all__ = [
     "METHODS",
     "REFERENCE_EXCLUDE",
     "REFERENCE_INCLUDE",
+    "CPU_MATMUL_BACKENDS",
     "CartDeltas",
     "MergeSettings",
     "MethodSettings",
@@ -66,6 +67,7 @@ __all__ = [
     "cart_layer_parts",
     "cart_merge",
     "check_base",
+    "cpu_matmul_backend",
     "extension_available",
     "get_method",
     "key_preset",
@@ -77,5 +79,6 @@ __all__ = [
     "plan_tensor",
     "prepare",
     "rank_for",
+    "set_cpu_matmul_backend",
     "tune",
 ]

@@ -39,6 +39,8 @@ are opposite and their reconstructions cancel, as they must.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -133,6 +135,115 @@ def gaussian_sketch(n: int, width: int, seed: int, dtype: torch.dtype, device: t
     return omega.to(device=device, dtype=dtype)
 
 
+#: The libraries that can run the engines' float32 CPU products (``csrc/cpu_matmul.h``):
+#: ``"blas"`` is torch's matmul (MKL in the x86 wheels), ``"onednn"`` torch's
+#: oneDNN inner product (the kernel behind ``nn.Linear``). MKL picks its
+#: fastest kernels on Intel CPUs only; on the 2-core AMD EPYC (Zen 4) VM oneDNN
+#: ran the engines' products 18-45 % faster (benchmarks/NOTES.md).
+CPU_MATMUL_BACKENDS = ("blas", "onednn")
+#: The environment variable that sets the backend at import: one of
+#: :data:`CPU_MATMUL_BACKENDS`, or ``"auto"`` (the default: oneDNN on AMD CPUs,
+#: the BLAS elsewhere).
+CPU_MATMUL_ENV = "LOWRANK_MERGE_CPU_MATMUL"
+#: Smaller products stay on the BLAS: oneDNN's ~20 µs per call loses below
+#: about this many multiply-adds per matrix (AMD VM: [8, 256, 256] @ [8, 256, 32]
+#: 0.20 ms BLAS, 0.32 ms oneDNN; [8, 768, 768] @ [8, 768, 32] 2.2 against 1.7 ms).
+ONEDNN_MIN_MULTIPLY_ADDS = 1 << 23
+
+_onednn_products = False
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's inner product kernel on the CPU."""
+    try:
+        return torch.backends.mkldnn.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "mkldnn::_linear_pointwise", "CPU"
+        )
+    except RuntimeError:  # no such op in this build
+        return False
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (``"AuthenticAMD"``, ``"GenuineIntel"``), or ``""``
+    where ``/proc/cpuinfo`` does not say."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def default_cpu_matmul_backend() -> str:
+    """``$LOWRANK_MERGE_CPU_MATMUL``, or ``"auto"`` where it is unset."""
+    wanted = os.environ.get(CPU_MATMUL_ENV, "auto").strip().lower()
+    if wanted != "auto" and wanted not in CPU_MATMUL_BACKENDS:
+        raise ValueError(f"${CPU_MATMUL_ENV} is {wanted!r}; choose 'auto' or one of {CPU_MATMUL_BACKENDS}")
+    return wanted
+
+
+def _set_cpu_matmul_backend(name: str) -> None:
+    """This module's half of ``lowrank_merge.set_cpu_matmul_backend``: ``"auto"``
+    is oneDNN on AMD CPUs where torch has it, the BLAS elsewhere."""
+    if name == "auto":
+        name = "onednn" if _cpu_vendor() == "AuthenticAMD" and onednn_available() else "blas"
+    if name not in CPU_MATMUL_BACKENDS:
+        raise ValueError(f"unknown CPU matmul backend {name!r}; choose 'auto' or one of {CPU_MATMUL_BACKENDS}")
+    if name == "onednn" and not onednn_available():
+        raise ValueError("this torch build has no oneDNN inner product on the CPU; use the 'blas' backend")
+    global _onednn_products
+    _onednn_products = name == "onednn"
+
+
+def cpu_matmul_backend() -> str:
+    """The library that runs the engines' float32 CPU products: ``"blas"`` or ``"onednn"``."""
+    return "onednn" if _onednn_products else "blas"
+
+
+def _uses_onednn(t: Tensor) -> bool:
+    return _onednn_products and t.device.type == "cpu" and t.dtype == torch.float32
+
+
+def _onednn_product(left: Tensor, right: Tensor) -> Tensor:
+    """``left @ right`` for 2-D float32 CPU tensors by oneDNN's inner product
+    (``X Wᵀ`` with ``W = rightᵀ``, read through its strides; ``left`` is copied
+    unless contiguous)."""
+    return torch.ops.mkldnn._linear_pointwise(left, right.mT, None, "none", [], None)
+
+
+def matrix_product(left: Tensor, right: Tensor) -> Tensor:
+    """``left [..., m, k] @ right [..., k, n]`` (batch dimensions broadcast), row-major.
+
+    Through oneDNN where the backend is ``"onednn"``, both are float32 CPU tensors
+    and a matrix product has at least :data:`ONEDNN_MIN_MULTIPLY_ADDS`
+    multiply-adds (one call per matrix of the batch); ``@`` otherwise. The twin
+    of ``matrix_product`` in csrc/cpu_matmul.cpp.
+    """
+    m, k = left.shape[-2:]
+    n = right.shape[-1]
+    wants_grad = torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)  # oneDNN's op has none
+    if (
+        not _uses_onednn(left)
+        or right.dtype != torch.float32
+        or left.dim() < 2
+        or right.dim() < 2
+        or m * k * n < ONEDNN_MIN_MULTIPLY_ADDS
+        or wants_grad
+    ):
+        return left @ right
+    if left.dim() == 2 and right.dim() == 2:
+        return _onednn_product(left, right)
+    batch = torch.broadcast_shapes(left.shape[:-2], right.shape[:-2])
+    lefts = left.expand(*batch, m, k).reshape(-1, m, k)
+    rights = right.expand(*batch, k, n).reshape(-1, k, n)
+    result = left.new_empty(*batch, m, n)
+    for result_matrix, left_matrix, right_matrix in zip(result.view(-1, m, n), lefts, rights):
+        result_matrix.copy_(_onednn_product(left_matrix, right_matrix))
+    return result
+
+
 def _orthonormal_basis(Y: Tensor) -> Tensor:
     """An orthonormal basis ``Q`` ``[..., m, l]`` of the columns of ``Y``."""
     return torch.linalg.qr(Y, mode="reduced").Q
@@ -179,7 +290,7 @@ def _column_major_product(left: Tensor, right: Tensor) -> Tensor:
     """``left @ right`` laid out column-major (its transpose contiguous), computed
     as ``(rightᵀ leftᵀ)ᵀ``: the layout in which LAPACK factorises (LU, QR)
     without first copying. The sketch engines' iterates are made this way."""
-    return (right.mT @ left.mT).mT
+    return matrix_product(right.mT, left.mT).mT
 
 
 def _truncated_svd_of_projection(Q: Tensor, A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -187,12 +298,12 @@ def _truncated_svd_of_projection(Q: Tensor, A: Tensor, k: int) -> tuple[Tensor, 
     float64 eigendecomposition of the ``l × l`` Gram matrix of ``B = Qᵀ A``
     (see ``gram_eigh_svd_of_projection`` in csrc/batched_steps.cpp): ``S`` are the
     row norms of ``W_kᵀ B``, sorted; rows with ``S = 0`` give zero rows of ``Vh``."""
-    small = (Q.mT @ A).double()  # [..., l, n]
+    small = matrix_product(Q.mT, A).double()  # [..., l, n]
     W = torch.linalg.eigh(small @ small.mT).eigenvectors[..., -k:].flip(-1)  # the top k, descending
     P = W.mT @ small  # [..., k, n]
     S, W, P = _sort_by_descending_values(torch.linalg.vector_norm(P, dim=-1), (W, -1), (P, -2))
     Vh = P.div_(torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-1))  # P is this function's own
-    return Q @ W.to(A.dtype), S.to(A.dtype).contiguous(), Vh.to(A.dtype).contiguous()
+    return matrix_product(Q, W.to(A.dtype)), S.to(A.dtype).contiguous(), Vh.to(A.dtype).contiguous()
 
 
 def _sort_by_descending_values(S: Tensor, *factors: tuple[Tensor, int]) -> tuple[Tensor, ...]:
@@ -227,7 +338,7 @@ def krylov_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Tensor, Te
     for _ in range(niter):
         # A well-conditioned basis of each block keeps its span and the iteration
         # stable; the final basis of all blocks is orthonormalised.
-        block = _iteration_basis(_column_major_product(A, A.mT @ block))
+        block = _iteration_basis(_column_major_product(A, matrix_product(A.mT, block)))
         blocks.append(block)
     Q = _orthonormal_basis(torch.cat(blocks, dim=-1))
     return _truncated_svd_of_projection(Q, A, k)
@@ -269,19 +380,22 @@ def gram_matrix(X: Tensor) -> Tensor:
     """
     c = X.shape[-1]
     gram = X.new_empty(*X.shape[:-2], c, c)
-    _fill_gram_block(X, gram, 0, c)
+    # oneDNN copies a left operand that is not row-major: one copy of X up front
+    # instead of one per block (the BLAS reads the strided rows as they are).
+    _fill_gram_block(X.mT.contiguous() if _uses_onednn(X) else X.mT, gram, 0, c)
     return gram
 
 
-def _fill_gram_block(X: Tensor, gram: Tensor, lo: int, hi: int) -> None:
-    """Write the diagonal block ``gram[..., lo:hi, lo:hi]`` of ``XᵀX``."""
+def _fill_gram_block(rows: Tensor, gram: Tensor, lo: int, hi: int) -> None:
+    """Write the diagonal block ``gram[..., lo:hi, lo:hi]`` of ``XᵀX`` from
+    ``rows = Xᵀ`` ``[..., c, r]`` (row ``i`` is column ``i`` of ``X``)."""
     if hi - lo <= GRAM_BLOCK_COLUMNS:
-        gram[..., lo:hi, lo:hi] = X[..., lo:hi].mT @ X[..., lo:hi]
+        gram[..., lo:hi, lo:hi] = matrix_product(rows[..., lo:hi, :], rows[..., lo:hi, :].mT)
         return
     mid = (lo + hi) // 2
-    _fill_gram_block(X, gram, lo, mid)
-    _fill_gram_block(X, gram, mid, hi)
-    gram[..., mid:hi, lo:mid] = X[..., mid:hi].mT @ X[..., lo:mid]
+    _fill_gram_block(rows, gram, lo, mid)
+    _fill_gram_block(rows, gram, mid, hi)
+    gram[..., mid:hi, lo:mid] = matrix_product(rows[..., mid:hi, :], rows[..., lo:mid, :].mT)
     gram[..., lo:mid, mid:hi] = gram[..., mid:hi, lo:mid].mT
 
 
@@ -299,10 +413,10 @@ def gram_subspace_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Ten
         X = _column_major_product(gram, _iteration_basis(X))
     X = _orthonormal_basis(X)
     X64 = X.double()
-    ritz = X64.mT @ (gram @ X).double()  # [..., l, l]
+    ritz = X64.mT @ matrix_product(gram, X).double()  # [..., l, l]
     W = torch.linalg.eigh((ritz + ritz.mT) * 0.5).eigenvectors[..., -k:].flip(-1)  # the top k, descending
     E = (X64 @ W).to(A.dtype)  # top-k eigenvectors of the Gram matrix [..., s, k]
-    other = E.mT @ A if wide else A @ E  # [..., k, n] or [..., m, k]
+    other = matrix_product(E.mT, A) if wide else matrix_product(A, E)  # [..., k, n] or [..., m, k]
     S = torch.linalg.vector_norm(other, dim=-1 if wide else -2)
     S, E, other = _sort_by_descending_values(S, (E, -1), (other, -2 if wide else -1))
     safe_S = torch.where(S > 0, S, torch.ones_like(S))
@@ -358,8 +472,7 @@ def sum_of_reconstructions(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
     """
     T, m, k = U.shape
     left = (U * S.unsqueeze(-2)).transpose(0, 1).reshape(m, T * k)
-    right = Vh.reshape(T * k, Vh.shape[-1])
-    return left @ right
+    return matrix_product(left, Vh.reshape(T * k, Vh.shape[-1]))
 
 
 def centered_low_rank_sum(
