@@ -122,11 +122,23 @@ EVAL_CASE = "eval-demo task models"
 # ---------------------------------------------------------------------------
 
 
-def sgemm_rate(device: torch.device, size: int = 2048) -> float:
-    """FLOP/s of one fp32 ``size³`` product (median of 3 warm runs)."""
+def sgemm_rates(device: torch.device, size: int = 2048) -> dict[str, float]:
+    """FLOP/s of one fp32 ``size³`` product (median of 3 warm runs) by each library
+    that can run it here: torch's matmul (the BLAS), and on the CPU oneDNN's
+    inner product where torch has it (lowrank_merge's other CPU matmul backend)."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    return 2.0 * size**3 / measure(lambda: a @ b, device, repeats=3, long_run=10.0)["seconds"]
+    flops = 2.0 * size**3
+    rates = {"torch.matmul": flops / measure(lambda: a @ b, device, repeats=3, long_run=10.0)["seconds"]}
+    if device.type == "cpu" and engines.onednn_available():
+        backend = lm.cpu_matmul_backend()
+        lm.set_cpu_matmul_backend("onednn")
+        try:
+            product = lambda: engines.matrix_product(a, b)  # noqa: E731
+            rates["oneDNN"] = flops / measure(product, device, repeats=3, long_run=10.0)["seconds"]
+        finally:
+            lm.set_cpu_matmul_backend(backend)
+    return rates
 
 
 def copy_bandwidth(device: torch.device, mib: int = 256) -> float:
@@ -467,6 +479,7 @@ def run_streaming(args) -> dict:
     T, layers, dim = args.stream_models, *args.stream_shape
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    env[engines.CPU_MATMUL_ENV] = lm.cpu_matmul_backend()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = build_models(tmp, T, layers, dim, 2, "float32")
@@ -555,7 +568,9 @@ def header_lines(report: dict) -> list[str]:
         "",
         f"{report['date']} · {report['device']} · {report['cpu_count']} logical CPUs, {report['threads']} torch thread(s) · "
         f"torch {report['torch']} · python {report['python']} · load average at start {report['load_average']}",
-        f"measured sgemm {report['sgemm_gflops']:.1f} GFLOP/s ({report['sgemm_size']}³ fp32), "
+        f"measured sgemm {report['sgemm_gflops']:.1f} GFLOP/s ({report['sgemm_size']}³ fp32, the faster of "
+        + ", ".join(f"{name} {gflops:.1f}" for name, gflops in report["sgemm_gflops_by_library"].items())
+        + f"; CPU matmul backend of the run: {report['cpu_matmul_backend']}), "
         f"copy bandwidth {report['copy_gbps']:.1f} GB/s (read + write)",
         f"engines: randomized/krylov niter {DEFAULT_NITER}, oversample {DEFAULT_OVERSAMPLE}; "
         f"gram_subspace and auto (the default: per layer the cheaper of gram_subspace and randomized by "
@@ -583,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-long-runs", action="store_true",
                         help="call every method once untimed first, also when one call takes over 1 s")
     parser.add_argument("--no-streaming", action="store_true")
+    parser.add_argument("--cpu-matmul", choices=("auto", *engines.CPU_MATMUL_BACKENDS),
+                        help="lowrank_merge.set_cpu_matmul_backend for the run (default: the library's, "
+                        "$LOWRANK_MERGE_CPU_MATMUL or auto; the streaming subprocess inherits it)")
     parser.add_argument("--json", type=Path, help="write the full report as JSON here")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder of the markdown report")
     args = parser.parse_args(argv)
@@ -599,7 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     _NOTES.clear()
 
     sgemm_size = 2048
-    rates = {"sgemm_flops": sgemm_rate(device, sgemm_size), "copy_bytes": copy_bandwidth(device, 64 if args.quick else 256)}
+    if args.cpu_matmul:
+        lm.set_cpu_matmul_backend(args.cpu_matmul)
+    sgemm_by_library = sgemm_rates(device, sgemm_size)
+    rates = {"sgemm_flops": max(sgemm_by_library.values()), "copy_bytes": copy_bandwidth(device, 64 if args.quick else 256)}
     report = {
         "device": device_name(device), "device_type": device.type,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -607,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "load_average": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
         "quick": args.quick, "sgemm_size": sgemm_size,
         "sgemm_gflops": rates["sgemm_flops"] / 1e9, "copy_gbps": rates["copy_bytes"] / 1e9,
+        "sgemm_gflops_by_library": {name: rate / 1e9 for name, rate in sgemm_by_library.items()},
+        "cpu_matmul_backend": lm.cpu_matmul_backend(),
         "ratios": args.ratios, "engines": args.engines, "default_engine": "auto",
         "skip_reference": args.skip_reference, "error_max_weights": args.error_max_weights,
         "warm_long_runs": args.warm_long_runs,

@@ -26,6 +26,11 @@ const std::optional<c10::TypedOperatorHandle<LinearSignature>>& onednn_linear() 
   return handle;
 }
 
+// Whether each matrix of t [..., m, k] is row-major and dense.
+bool rows_contiguous(const at::Tensor& t) {
+  return t.stride(-1) == 1 && (t.size(-2) <= 1 || t.stride(-2) == t.size(-1));
+}
+
 at::Tensor onednn_product(const at::Tensor& left, const at::Tensor& right) {
   return onednn_linear()->call(
       left, right.mT(), std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
@@ -43,15 +48,18 @@ void set_cpu_matmul_backend(const std::string& name) {
   onednn_backend = name == "onednn";
 }
 
-bool uses_onednn(const at::Tensor& t) {
-  return onednn_backend && t.device().is_cpu() && t.scalar_type() == at::kFloat;
-}
-
 at::Tensor matrix_product(const at::Tensor& left, const at::Tensor& right) {
-  const auto m = left.size(-2), k = left.size(-1), n = right.size(-1);
-  if (!uses_onednn(left) || right.scalar_type() != at::kFloat || left.dim() < 2 || right.dim() < 2 ||
-      m * k * n < kOneDnnMinMultiplyAdds) {
+  if (!onednn_backend || !left.device().is_cpu() || left.scalar_type() != at::kFloat ||
+      right.scalar_type() != at::kFloat || left.dim() < 2 || right.dim() < 2) {
     return at::matmul(left, right);
+  }
+  const auto m = left.size(-2), k = left.size(-1), n = right.size(-1);
+  if (m * k * n < kOneDnnMinMultiplyAdds) return at::matmul(left, right);
+  if (!rows_contiguous(left)) {
+    // oneDNN would copy it: worth it for a sketch or a basis beside a stack,
+    // not for a stack's transpose (memory), which the BLAS reads in place.
+    if (left.numel() >= right.numel()) return at::matmul(left, right);
+    return matrix_product(left.contiguous(), right);
   }
   if (left.dim() == 2 && right.dim() == 2) return onednn_product(left, right);
   // One inner product per matrix of the broadcast batch, written into one result.

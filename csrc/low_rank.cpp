@@ -88,9 +88,7 @@ at::Tensor gram_matrix(const at::Tensor& X) {
   auto sizes = X.sizes().vec();
   sizes[sizes.size() - 2] = c;
   auto gram = at::empty(sizes, X.options());
-  // oneDNN copies a left operand that is not row-major: one copy of X up front
-  // instead of one per block (the BLAS reads the strided rows as they are).
-  fill_gram_block(uses_onednn(X) ? X.mT().contiguous() : X.mT(), gram, 0, c);
+  fill_gram_block(X.mT(), gram, 0, c);
   return gram;
 }
 
@@ -136,8 +134,9 @@ Factors gram_svd(const at::Tensor& A, int64_t k, const EngineSteps& steps) {
   return steps.truncated_svd_of_projection(eigenvectors.narrow(-1, m - k, k), A, k);
 }
 
-// Subspace iteration on the smaller Gram matrix G (A^T A for a tall or square A,
-// A A^T for a wide one, s x s with s = min(m, n)), then Rayleigh-Ritz:
+// Subspace iteration on the smaller Gram matrix G (A^T A for a tall A, A A^T for
+// a wide or square one: from A's rows, which the products read contiguously;
+// s x s with s = min(m, n)), then Rayleigh-Ritz:
 //
 //   X = G Omega[:s] (the first s rows of the [n, l] sketch: a Gaussian
 //       block too; for a wide A cheaper than A Omega, and one step further
@@ -165,7 +164,7 @@ Factors gram_svd(const at::Tensor& A, int64_t k, const EngineSteps& steps) {
 Factors gram_subspace_svd(
     const at::Tensor& A, int64_t k, const at::Tensor& omega, int64_t niter, const EngineSteps& steps) {
   const auto dtype = A.scalar_type();
-  const bool wide = A.size(-2) < A.size(-1);
+  const bool wide = A.size(-2) <= A.size(-1);
   const auto gram = gram_matrix(wide ? A.mT() : A);  // [..., s, s]
   auto X = column_major_product(gram, omega.narrow(0, 0, gram.size(-1)));
   for (int64_t i = 0; i < niter; ++i) {

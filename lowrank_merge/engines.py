@@ -31,6 +31,9 @@ only the last basis, on which the small SVD projects, is orthonormalised by
 Householder QR, here and in the C++ CPU kernels; the CUDA kernels use
 CholeskyQR2 for both (the same spans, so the results agree to rounding).
 
+Their large float32 products on the CPU go through :func:`matrix_product`,
+which runs them with oneDNN or the BLAS (:data:`CPU_MATMUL_BACKENDS`).
+
 The randomized engines take the Gaussian test matrix ``omega`` ``[n, l]`` from
 the caller. One ``omega`` is shared by the T tasks of a layer, which makes every
 engine odd-symmetric (``f(-A) = -f(A)``): with T = 2 the centered task vectors
@@ -202,10 +205,6 @@ def cpu_matmul_backend() -> str:
     return "onednn" if _onednn_products else "blas"
 
 
-def _uses_onednn(t: Tensor) -> bool:
-    return _onednn_products and t.device.type == "cpu" and t.dtype == torch.float32
-
-
 def _onednn_product(left: Tensor, right: Tensor) -> Tensor:
     """``left @ right`` for 2-D float32 CPU tensors by oneDNN's inner product
     (``X Wᵀ`` with ``W = rightᵀ``, read through its strides; ``left`` is copied
@@ -213,26 +212,34 @@ def _onednn_product(left: Tensor, right: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(left, right.mT, None, "none", [], None)
 
 
+def _rows_contiguous(t: Tensor) -> bool:
+    """Whether each matrix of ``t [..., m, k]`` is row-major and dense."""
+    return t.stride(-1) == 1 and (t.shape[-2] <= 1 or t.stride(-2) == t.shape[-1])
+
+
 def matrix_product(left: Tensor, right: Tensor) -> Tensor:
     """``left [..., m, k] @ right [..., k, n]`` (batch dimensions broadcast), row-major.
 
-    Through oneDNN where the backend is ``"onednn"``, both are float32 CPU tensors
-    and a matrix product has at least :data:`ONEDNN_MIN_MULTIPLY_ADDS`
-    multiply-adds (one call per matrix of the batch); ``@`` otherwise. The twin
-    of ``matrix_product`` in csrc/cpu_matmul.cpp.
+    Through oneDNN where the backend is ``"onednn"``, both are float32 CPU tensors,
+    a matrix product has at least :data:`ONEDNN_MIN_MULTIPLY_ADDS` multiply-adds,
+    and ``left`` is row-major or smaller than ``right`` (then copied once; one
+    call per matrix of the batch); ``@`` otherwise. The twin of
+    ``matrix_product`` in csrc/cpu_matmul.cpp.
     """
+    wants_grad = torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)  # oneDNN's op has none
+    float32_cpu = left.device.type == "cpu" and left.dtype == right.dtype == torch.float32
+    if not (_onednn_products and float32_cpu) or left.dim() < 2 or right.dim() < 2 or wants_grad:
+        return left @ right
     m, k = left.shape[-2:]
     n = right.shape[-1]
-    wants_grad = torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)  # oneDNN's op has none
-    if (
-        not _uses_onednn(left)
-        or right.dtype != torch.float32
-        or left.dim() < 2
-        or right.dim() < 2
-        or m * k * n < ONEDNN_MIN_MULTIPLY_ADDS
-        or wants_grad
-    ):
+    if m * k * n < ONEDNN_MIN_MULTIPLY_ADDS:
         return left @ right
+    if not _rows_contiguous(left):
+        # oneDNN would copy it: worth it for a sketch or a basis beside a stack,
+        # not for a stack's transpose (memory), which the BLAS reads in place.
+        if left.numel() >= right.numel():
+            return left @ right
+        left = left.contiguous()
     if left.dim() == 2 and right.dim() == 2:
         return _onednn_product(left, right)
     batch = torch.broadcast_shapes(left.shape[:-2], right.shape[:-2])
@@ -380,9 +387,7 @@ def gram_matrix(X: Tensor) -> Tensor:
     """
     c = X.shape[-1]
     gram = X.new_empty(*X.shape[:-2], c, c)
-    # oneDNN copies a left operand that is not row-major: one copy of X up front
-    # instead of one per block (the BLAS reads the strided rows as they are).
-    _fill_gram_block(X.mT.contiguous() if _uses_onednn(X) else X.mT, gram, 0, c)
+    _fill_gram_block(X.mT, gram, 0, c)
     return gram
 
 
@@ -406,7 +411,7 @@ def gram_subspace_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Ten
     Gaussian block too): cheaper than ``A Ω`` for a wide ``A`` and a step further
     into the top subspace (``G``'s spectrum is ``A``'s squared).
     """
-    wide = A.shape[-2] < A.shape[-1]
+    wide = A.shape[-2] <= A.shape[-1]  # a square A too: its rows are contiguous
     gram = gram_matrix(A.mT if wide else A)  # [..., s, s]
     X = _column_major_product(gram, omega[: gram.shape[-1]])
     for _ in range(niter):

@@ -48,28 +48,45 @@ def _randn(*shape, seed=0):
 
 # 256 x 256 x 128 multiply-adds = 2^23, the smallest product that goes to oneDNN.
 M, K, N = 256, 256, 128
-LAYOUTS = {
-    "row-major": lambda left, right: (left, right),
-    "left column-major": lambda left, right: (left.mT.contiguous().mT, right),
-    "right column-major": lambda left, right: (left, right.mT.contiguous().mT),
-    "column blocks": lambda left, right: (_randn(*left.shape[:-1], 3 * K, seed=5)[..., K : 2 * K].copy_(left), right),
+RIGHT_LAYOUTS = {
+    "row-major": lambda right: right,
+    "column-major": lambda right: right.mT.contiguous().mT,
+    "column block": lambda right: _randn(*right.shape[:-1], 3 * N, seed=5)[..., N : 2 * N].copy_(right),
 }
+BATCHES = [((M, K), (K, N)), ((3, M, K), (3, K, N)), ((M, K), (3, K, N)), ((3, M, K), (K, N)), ((2, 3, M, K), (3, K, N))]
 
 
-@requires_onednn
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize(
-    "left_shape, right_shape",
-    [((M, K), (K, N)), ((3, M, K), (3, K, N)), ((M, K), (3, K, N)), ((3, M, K), (K, N)), ((2, 3, M, K), (3, K, N))],
-)
-def test_onednn_products_match_float64_in_every_layout(layout, left_shape, right_shape, set_backend, onednn_calls):
-    set_backend("onednn")
-    left, right = LAYOUTS[layout](_randn(*left_shape, seed=1), _randn(*right_shape, seed=2))
+def _check_product(left, right):
     product = engines.matrix_product(left, right)
     expected = left.double() @ right.double()
     assert product.shape == expected.shape and product.dtype == torch.float32 and product.is_contiguous()
     assert relative_error(product, expected) <= 1e-6
-    assert len(onednn_calls) == expected[..., 0, 0].numel()  # one call per matrix of the batch
+    return expected[..., 0, 0].numel()  # matrices in the batch
+
+
+@requires_onednn
+@pytest.mark.parametrize("layout", RIGHT_LAYOUTS)
+@pytest.mark.parametrize("left_shape, right_shape", BATCHES)
+def test_onednn_products_match_float64_in_every_layout(layout, left_shape, right_shape, set_backend, onednn_calls):
+    set_backend("onednn")
+    matrices = _check_product(_randn(*left_shape, seed=1), RIGHT_LAYOUTS[layout](_randn(*right_shape, seed=2)))
+    assert len(onednn_calls) == matrices  # one call per matrix of the batch
+
+
+@requires_onednn
+@pytest.mark.parametrize("left_shape, right_shape", BATCHES)
+def test_a_strided_left_goes_to_onednn_only_when_smaller_than_the_right(left_shape, right_shape, set_backend, onednn_calls):
+    """A sketch or basis beside a stack is copied for oneDNN; a stack's
+    transpose is not (the BLAS reads it in place, no second stack in memory)."""
+    set_backend("onednn")
+    for left_rows, right_columns, left_is_smaller in ((M // 2, 2 * N, True), (M, N, False)):
+        left = _randn(*left_shape[:-2], K, left_rows, seed=3).mT  # [..., rows, K], column-major
+        right = _randn(*right_shape[:-1], right_columns, seed=4)
+        onednn_calls.clear()
+        matrices = _check_product(left, right)
+        if len(left_shape) == len(right_shape):  # else a broadcast operand counts once: the sizes decide
+            assert (left.numel() < right.numel()) == left_is_smaller
+        assert len(onednn_calls) == (matrices if left.numel() < right.numel() else 0)
 
 
 @requires_onednn
@@ -78,10 +95,11 @@ def test_onednn_products_match_float64_in_every_layout(layout, left_shape, right
     [
         (_randn(M, K // 2), _randn(K // 2, N)),  # half the multiply-adds of the threshold
         (_randn(M, K).double(), _randn(K, N).double()),
+        (_randn(K), _randn(K, N * M)),
     ],
-    ids=["small", "float64"],
+    ids=["small", "float64", "vector"],
 )
-def test_small_and_float64_products_stay_on_the_blas(left, right, set_backend, onednn_calls):
+def test_small_float64_and_vector_products_stay_on_the_blas(left, right, set_backend, onednn_calls):
     set_backend("onednn")
     assert torch.equal(engines.matrix_product(left, right), left @ right)
     assert onednn_calls == []
