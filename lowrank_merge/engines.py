@@ -222,8 +222,9 @@ def matrix_product(left: Tensor, right: Tensor) -> Tensor:
 
     Through oneDNN where the backend is ``"onednn"``, both are float32 CPU tensors,
     a matrix product has at least :data:`ONEDNN_MIN_MULTIPLY_ADDS` multiply-adds,
-    and ``left`` is row-major or smaller than ``right`` (then copied once; one
-    call per matrix of the batch); ``@`` otherwise. The twin of
+    ``right``'s matrices are dense (row- or column-major) and ``left`` is
+    row-major or smaller than ``right`` (then copied once; one call per matrix
+    of the batch); ``@`` otherwise. The twin of
     ``matrix_product`` in csrc/cpu_matmul.cpp.
     """
     wants_grad = torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)  # oneDNN's op has none
@@ -233,6 +234,10 @@ def matrix_product(left: Tensor, right: Tensor) -> Tensor:
     m, k = left.shape[-2:]
     n = right.shape[-1]
     if m * k * n < ONEDNN_MIN_MULTIPLY_ADDS:
+        return left @ right
+    if not (_rows_contiguous(right) or _rows_contiguous(right.mT)):
+        # oneDNN's fast kernels read a weight (rightᵀ) that is dense, row- or
+        # column-major; a column block of a matrix ran ~1000x slower.
         return left @ right
     if not _rows_contiguous(left):
         # oneDNN would copy it: worth it for a sketch or a basis beside a stack,

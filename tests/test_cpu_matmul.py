@@ -70,7 +70,9 @@ def _check_product(left, right):
 def test_onednn_products_match_float64_in_every_layout(layout, left_shape, right_shape, set_backend, onednn_calls):
     set_backend("onednn")
     matrices = _check_product(_randn(*left_shape, seed=1), RIGHT_LAYOUTS[layout](_randn(*right_shape, seed=2)))
-    assert len(onednn_calls) == matrices  # one call per matrix of the batch
+    # One call per matrix of the batch; a column block is not dense, which
+    # oneDNN ran ~1000x slower, so it stays on the BLAS.
+    assert len(onednn_calls) == (0 if layout == "column block" else matrices)
 
 
 @requires_onednn
