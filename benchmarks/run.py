@@ -134,8 +134,8 @@ def sgemm_rates(device: torch.device, size: int = 2048) -> dict[str, float]:
         backend = lm.cpu_matmul_backend()
         lm.set_cpu_matmul_backend("onednn")
         try:
-            product = lambda: engines.matrix_product(a, b)  # noqa: E731
-            rates["oneDNN"] = flops / measure(product, device, repeats=3, long_run=10.0)["seconds"]
+            seconds = measure(lambda: engines.matrix_product(a, b), device, repeats=3, long_run=10.0)["seconds"]
+            rates["oneDNN"] = flops / seconds
         finally:
             lm.set_cpu_matmul_backend(backend)
     return rates

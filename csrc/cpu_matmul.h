@@ -11,7 +11,7 @@
 //
 // The backend is chosen by the Python layer (lowrank_merge.set_cpu_matmul_backend:
 // oneDNN by default on AMD CPUs, the BLAS elsewhere) through the private op
-// _set_cpu_matmul_backend. The twin: lowrank_merge.engines.matmul.
+// _set_cpu_matmul_backend. The twin: lowrank_merge.engines.matrix_product.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,11 +25,12 @@ namespace lowrank_merge {
 void set_cpu_matmul_backend(const std::string& name);
 
 // left [..., m, k] @ right [..., k, n] (batch dimensions broadcast), row-major
-// like at::matmul's result. Through oneDNN where uses_onednn(left), a matrix
-// product has at least kOneDnnMinMultiplyAdds multiply-adds (smaller ones: its
-// ~20 us per call loses to the BLAS), right's matrices are dense (row- or
-// column-major), and left is row-major or smaller than right (then copied
-// once); at::matmul otherwise.
+// like at::matmul's result. Through oneDNN where the backend is "onednn", both
+// are float32 CPU tensors, a matrix product has at least
+// kOneDnnMinMultiplyAdds multiply-adds (smaller ones: its ~20 us per call
+// loses to the BLAS), right's matrices are dense (row- or column-major), and
+// left is row-major or smaller than right (then copied once); at::matmul
+// otherwise.
 at::Tensor matrix_product(const at::Tensor& left, const at::Tensor& right);
 
 // Measured on the AMD VM: [8, 256, 256] @ [8, 256, 32] (2.1 M multiply-adds per
