@@ -481,6 +481,12 @@ def merge_tensor(name: str, tensors: Sequence[Tensor], settings: MergeSettings, 
     tensor's dtype.
     """
     check_tensor_values(name, tensors, labels)
+    return _merge_checked_tensor(name, tensors, settings)
+
+
+def _merge_checked_tensor(name: str, tensors: Sequence[Tensor], settings: MergeSettings) -> Tensor:
+    """:func:`merge_tensor` for values already checked (:func:`cart_merge`
+    checks every tensor before the first decomposition)."""
     first = tensors[0]
     plan = plan_tensor(name, TensorMeta.of(first), settings)
     average, delta = tensor_parts(plan, tensors, settings)
@@ -599,7 +605,7 @@ def cart_merge(
     _check_all_values(state_dicts, labels)
     with merge_allocations(settings, state_dicts):
         return {
-            name: merge_tensor(name, [sd[name] for sd in state_dicts], settings, labels)
+            name: _merge_checked_tensor(name, [sd[name] for sd in state_dicts], settings)
             for name in _progress(list(state_dicts[0]), progress, "CART merge")
         }
 
