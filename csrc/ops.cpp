@@ -18,21 +18,54 @@
 #include "huge_pages.h"
 #include "low_rank.h"
 
+#include <vector>
+
 namespace lowrank_merge {
 namespace {
 
-// Average [m, n] and centered stack [T, m, n] of a stack [T, m, n].
-// On the CPU this is ATen's vectorised mean and subtraction: two passes, but
-// measured twice as fast (33 vs 70 ms for 8 x 3072 x 768 fp32 on 2 cores) as
-// a fused one-pass loop compiled for the baseline x86-64 ISA, because ATen's
-// kernels are dispatched to AVX2/AVX-512. The GPU path fuses both into one
-// kernel (csrc/cuda/average_and_center.cu), where the pass count matters.
-// The average as a sum divided by T: the same bits as stack.mean(0) without
-// mean's filled temporary (0.12 against 0.41 s for [8, 4096, 14336] float32);
-// the twin is lowrank_merge.engines.task_average.
-std::tuple<at::Tensor, at::Tensor> average_and_center_cpu(const at::Tensor& stack) {
-  auto average = stack.sum(0).div_(stack.size(0));
-  return {average, stack - average};
+// The average [m, n] of a stack [T, m, n], as a sum divided by T: the same bits
+// as stack.mean(0) without mean's filled temporary (0.12 against 0.41 s for
+// [8, 4096, 14336] float32); the twin is lowrank_merge.engines.task_average.
+// The centering below is ATen's vectorised subtraction: with the sum, two
+// passes, but measured twice as fast (33 vs 70 ms for 8 x 3072 x 768 fp32 on 2
+// cores) as a fused one-pass loop compiled for the baseline x86-64 ISA, because
+// ATen's kernels are dispatched to AVX2/AVX-512. The GPU path fuses both into
+// one kernel (csrc/cuda/average_and_center.cu), where the pass count matters.
+at::Tensor task_average(const at::Tensor& stack) {
+  return stack.sum(0).div_(stack.size(0));
+}
+
+// A stack whose matrices have at least this many elements is decomposed task by
+// task, each task centered into one reused [m, n] buffer: no centered copy of the
+// stack ((T - 1) m n fewer elements in memory, 1.6 GB for 8 x 4096 x 14336 fp32,
+// and none of that copy's first touches), and the same bits. Smaller matrices are
+// centered as one stack and decomposed as one batch, whose calls cost less per
+// matrix: on the ViT-B shapes (2.4 M elements or fewer) task by task was 4-17 %
+// slower, from [8, 2048, 2048] up even or faster (benchmarks/NOTES.md). The
+// twin: lowrank_merge.engines.PER_TASK_MIN_ELEMENTS.
+constexpr int64_t kPerTaskMinElements = int64_t{1} << 22;
+
+Factors stacked(const std::vector<Factors>& per_task) {
+  std::vector<at::Tensor> U, S, Vh;
+  for (const auto& [u, s, vh] : per_task) {
+    U.push_back(u);
+    S.push_back(s);
+    Vh.push_back(vh);
+  }
+  return {at::stack(U), at::stack(S), at::stack(Vh)};
+}
+
+// Top-k factors [T, ...] of each centered task stack[t] - average, one task at a time.
+Factors factors_task_by_task(
+    const at::Tensor& stack, const at::Tensor& average, int64_t k, const std::string& engine, int64_t niter,
+    const std::optional<at::Tensor>& omega) {
+  auto centered_task = at::empty_like(average);
+  std::vector<Factors> per_task;
+  for (int64_t t = 0; t < stack.size(0); ++t) {
+    at::sub_out(centered_task, stack[t], average);
+    per_task.push_back(low_rank_factors_generic(centered_task, k, engine, niter, omega));
+  }
+  return stacked(per_task);
 }
 
 Factors low_rank_factors_cpu(
@@ -50,8 +83,10 @@ std::tuple<at::Tensor, at::Tensor> centered_low_rank_sum_cpu(
   TORCH_CHECK(stack.dim() == 3, "lowrank_merge: expected a [T, m, n] stack, got ", stack.dim(), " dims");
   check_factor_args(stack, k, engine_name, niter, omega);
   HugePageScope huge_pages;
-  auto [average, centered] = average_and_center_cpu(stack);
-  auto [U, S, Vh] = low_rank_factors_generic(centered, k, engine_name, niter, omega);
+  const auto average = task_average(stack);
+  const auto [U, S, Vh] = stack.size(1) * stack.size(2) >= kPerTaskMinElements
+      ? factors_task_by_task(stack, average, k, engine_name, niter, omega)
+      : low_rank_factors_generic(stack - average, k, engine_name, niter, omega);
   return {average, sum_of_reconstructions(U, S, Vh)};
 }
 

@@ -103,6 +103,41 @@ def test_centered_low_rank_sum_accepts_non_contiguous_stack():
     assert relative_error(delta, delta_twin) <= _tolerance(torch.float32)
 
 
+LARGE = (4, 2048, 2048)  # matrices of engines.PER_TASK_MIN_ELEMENTS: decomposed task by task
+
+
+@pytest.mark.parametrize("engine", ["randomized", "gram_subspace"])
+def test_large_stacks_decomposed_task_by_task_as_one_batch(engine):
+    """From PER_TASK_MIN_ELEMENTS up, the op and its twin center and decompose
+    one task at a time; the delta is the batched computation's, to rounding
+    (bit for bit where a batched product is the per-matrix one)."""
+    assert LARGE[1] * LARGE[2] == engines.PER_TASK_MIN_ELEMENTS
+    stack = _stack(LARGE, torch.float32, seed=2)
+    omega = _omega(engine, 8, *LARGE[1:], torch.float32, seed=4)
+    average = engines.task_average(stack)
+    batched = engines.sum_of_reconstructions(*engines.low_rank_factors(stack - average, 8, engine, 2, omega))
+    for op in (torch.ops.lowrank_merge.centered_low_rank_sum, engines.centered_low_rank_sum):
+        avg, delta = op(stack, 8, engine, 2, omega)
+        assert torch.equal(avg, average)
+        assert relative_error(delta, batched) <= _tolerance(torch.float32), (op, engine)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the huge-page pool counts only on Linux")
+def test_large_stacks_hold_one_centered_task_not_a_centered_stack():
+    """The op's buffers from 2 MiB up (the huge-page pool's live bytes) stay
+    under the size of a centered copy of the stack, which the batched path
+    alone would allocate."""
+    stack = _stack(LARGE, torch.float32, seed=2)
+    omega = _omega("randomized", 8, *LARGE[1:], torch.float32)
+    stack_bytes = stack.numel() * stack.element_size()
+    torch.ops.lowrank_merge.centered_low_rank_sum(stack, 8, "randomized", 2, omega)
+    _, _, peak_live = _pool_bytes()
+    assert 0 < peak_live < stack_bytes
+    small = _stack((4, 1024, 1024), torch.float32, seed=2)
+    torch.ops.lowrank_merge.centered_low_rank_sum(small, 8, "randomized", 2, _omega("randomized", 8, 1024, 1024, torch.float32))
+    assert _pool_bytes()[2] >= small.numel() * small.element_size()  # below the threshold: a centered stack
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_opcheck_low_rank_factors(engine):
     for shape, k in [((12, 8), 3), ((8, 12), 2), ((2, 3, 10, 7), 4)]:
