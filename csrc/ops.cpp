@@ -36,13 +36,14 @@ at::Tensor task_average(const at::Tensor& stack) {
 }
 
 // A stack whose matrices have at least this many elements is decomposed task by
-// task, each task centered into one reused [m, n] buffer: no centered copy of the
-// stack ((T - 1) m n fewer elements in memory, 1.6 GB for 8 x 4096 x 14336 fp32,
-// and none of that copy's first touches), and the same bits. Smaller matrices are
-// centered as one stack and decomposed as one batch, whose calls cost less per
-// matrix: on the ViT-B shapes (2.4 M elements or fewer) task by task was 4-17 %
-// slower, from [8, 2048, 2048] up even or faster (benchmarks/NOTES.md). The
-// twin: lowrank_merge.engines.PER_TASK_MIN_ELEMENTS.
+// task, each task centered into one reused [m, n] buffer: no centered copy of
+// the stack ((T - 1) m n fewer elements in memory, 1.6 GB for 8 x 4096 x 14336
+// fp32, and none of that copy's first touches), with the batched path's results
+// (bit for bit where its batched products are per-matrix ones, as under oneDNN).
+// Smaller matrices are centered as one stack and decomposed as one batch, whose
+// calls cost less per matrix: on the ViT-B shapes (2.4 M elements or fewer) task
+// by task was 4-17 % slower, from [8, 2048, 2048] up even or faster
+// (benchmarks/NOTES.md). The twin: lowrank_merge.engines.PER_TASK_MIN_ELEMENTS.
 constexpr int64_t kPerTaskMinElements = int64_t{1} << 22;
 
 Factors stacked(const std::vector<Factors>& per_task) {

@@ -133,9 +133,10 @@ def test_large_stacks_hold_one_centered_task_not_a_centered_stack():
     torch.ops.lowrank_merge.centered_low_rank_sum(stack, 8, "randomized", 2, omega)
     _, _, peak_live = _pool_bytes()
     assert 0 < peak_live < stack_bytes
-    small = _stack((4, 1024, 1024), torch.float32, seed=2)
-    torch.ops.lowrank_merge.centered_low_rank_sum(small, 8, "randomized", 2, _omega("randomized", 8, 1024, 1024, torch.float32))
-    assert _pool_bytes()[2] >= small.numel() * small.element_size()  # below the threshold: a centered stack
+    small = _stack((4, 1024, 1024), torch.float32, seed=2)  # below the threshold: a centered stack
+    small_omega = _omega("randomized", 8, 1024, 1024, torch.float32)
+    torch.ops.lowrank_merge.centered_low_rank_sum(small, 8, "randomized", 2, small_omega)
+    assert _pool_bytes()[2] >= small.numel() * small.element_size()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
