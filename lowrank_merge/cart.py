@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 
 import torch
@@ -23,7 +24,6 @@ from torch import Tensor, nn
 from . import _ops
 from .engines import (
     SKETCH_ENGINES,
-    average_and_center,
     engine_cost,
     gaussian_sketch,
     sketch_width,
@@ -238,45 +238,34 @@ def _per_layer(
     k: int,
     settings: MergeSettings,
     name: str | None,
-    owned: bool,
 ) -> tuple[Tensor, _Part | None]:
-    """``op(stack, k, engine, niter, omega, owned)`` with the merge's seeded
-    sketch, or ``(average, None)`` where the delta is zero by identity."""
+    """``op(stack, k, engine, niter, omega)`` with the merge's seeded sketch,
+    or ``(average, None)`` where the delta is zero by identity."""
     if _delta_is_zero(stack.shape, k):
         return task_average(stack), None
     with _reporting_out_of_memory(stack, k, settings, name):
         engine, niter, omega = _sketch_for(stack, k, settings)
-        return op(stack, k, engine, niter, omega, owned)
+        return op(stack, k, engine, niter, omega)
 
 
-def _average_and_center(stack: Tensor, owned: bool) -> tuple[Tensor, Tensor]:
-    """``(average, centered stack)``; a stack the caller ``owned`` is centered in
-    place: one ``[T, m, n]`` allocation fewer, which on the CPU also saves its
-    page faults (0.3-4 s for [8, 4096, 14336] fp32 against 0.1-0.4 s in place;
-    benchmarks/NOTES.md). Bitwise the same values either way."""
-    if not owned:
-        return average_and_center(stack)
-    average = task_average(stack)
-    return average, stack.sub_(average)
-
-
-def _centered_factors(
-    stack: Tensor, k: int, engine: str, niter: int, omega: Tensor | None, owned: bool
+def _factors_in_place(
+    stack: Tensor, k: int, engine: str, niter: int, omega: Tensor | None
 ) -> tuple[Tensor, Factors]:
     """``(average, (U, S, Vh))``: the steps of ``centered_low_rank_sum`` but the
-    last, the sum. The centering is the CPU kernel's (mean, then subtract)."""
-    average, centered = _average_and_center(stack, owned)
-    return average, _ops.low_rank_factors(centered, k, engine, niter, omega)
+    last, the sum, on a stack the caller owns. It is centered in place (mean,
+    then subtract, as the CPU kernel does): one ``[T, m, n]`` allocation fewer,
+    which on the CPU also saves its page faults (0.3-4 s for [8, 4096, 14336]
+    fp32 against 0.1-0.4 s in place; benchmarks/NOTES.md)."""
+    average = task_average(stack)
+    return average, _ops.low_rank_factors(stack.sub_(average), k, engine, niter, omega)
 
 
-def _centered_sum(
-    stack: Tensor, k: int, engine: str, niter: int, omega: Tensor | None, owned: bool
+def _sum_in_place(
+    stack: Tensor, k: int, engine: str, niter: int, omega: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """``(average, delta)``: the ``centered_low_rank_sum`` op (on CUDA with its fused
-    centering kernel), or for an owned stack the same steps with the centering in place."""
-    if not owned:
-        return _ops.centered_low_rank_sum(stack, k, engine, niter, omega)
-    average, factors = _centered_factors(stack, k, engine, niter, omega, owned)
+    """``(average, delta)`` of ``centered_low_rank_sum``, on a stack the caller
+    owns: centered in place (:func:`_factors_in_place`)."""
+    average, factors = _factors_in_place(stack, k, engine, niter, omega)
     return average, sum_of_reconstructions(*factors)
 
 
@@ -284,21 +273,25 @@ def _layer_parts(
     stack: Tensor, k: int, settings: MergeSettings, name: str | None = None, owned: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """``(average, delta)``; ``delta`` is None where it is zero by identity.
-    ``owned``: the stack may be overwritten (centered in place)."""
-    return _per_layer(_centered_sum, stack, k, settings, name, owned)
+    ``owned``: the stack may be overwritten (centered in place); otherwise the
+    ``centered_low_rank_sum`` op runs (which leaves it as it is; on CUDA with its
+    fused centering kernel)."""
+    op = _sum_in_place if owned else _ops.centered_low_rank_sum
+    return _per_layer(op, stack, k, settings, name)
 
 
 def _layer_factors(
-    stack: Tensor, k: int, settings: MergeSettings, name: str | None = None, owned: bool = False
+    stack: Tensor, k: int, settings: MergeSettings, name: str | None = None
 ) -> tuple[Tensor, Factors | None]:
     """``(average, (U, S, Vh))``: the rank-k factors that :func:`_layer_parts` sums.
 
     The same centering, engine and seeded sketch, so that
     ``low_rank_sum(factors, j)`` gives the delta at every rank ``j <= k``
     (for ``j = k`` the delta of ``_layer_parts``). Factors are None where the
-    delta is zero by identity.
+    delta is zero by identity. ``stack`` is overwritten (centered in place):
+    callers pass stacks they own.
     """
-    return _per_layer(_centered_factors, stack, k, settings, name, owned)
+    return _per_layer(_factors_in_place, stack, k, settings, name)
 
 
 @torch.no_grad()
@@ -428,7 +421,7 @@ def _tensor_parts(
     with _layer_stack(tensors, settings) as stack:
         if plan.action == "average":
             return task_average(stack), None
-        return layer(stack, plan.rank, settings, plan.name, owned=True)  # the stack is this call's copy
+        return layer(stack, plan.rank, settings, plan.name)  # the stack is this call's copy: layer may overwrite it
 
 
 @torch.no_grad()
@@ -440,7 +433,7 @@ def tensor_parts(
     For ``copy`` tensors the "average" is the first model's tensor itself and
     ``delta`` is None; for ``average`` tensors ``delta`` is None.
     """
-    return _tensor_parts(plan, tensors, settings, _layer_parts)
+    return _tensor_parts(plan, tensors, settings, partial(_layer_parts, owned=True))
 
 
 @torch.no_grad()

@@ -469,12 +469,6 @@ def task_average(stack: Tensor) -> Tensor:
     return stack.sum(dim=0).div_(stack.shape[0])
 
 
-def average_and_center(stack: Tensor) -> tuple[Tensor, Tensor]:
-    """Average ``[m, n]`` and centered stack ``[T, m, n]`` of a task stack."""
-    average = task_average(stack)
-    return average, stack - average
-
-
 def sum_of_reconstructions(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
     """``Σ_t U_t diag(S_t) Vh_t`` as one product of concatenated factors.
 
