@@ -53,14 +53,18 @@ void release_idle_buffers(size_t limit) {
 }
 
 // Under scope_mutex. The idle bytes a miss may keep with `live_after` bytes
-// live: what the peak of live bytes leaves room for, or the largest idle
-// buffer. That one is the costliest to fault in again, and when live bytes
-// grow from layer to layer (an in-memory merge keeping its outputs) the peak
-// leaves no room at all: the next layer would allocate it anyway.
+// live: what the peak of live bytes leaves room for, or twice the largest idle
+// buffer. When live bytes grow from layer to layer (an in-memory merge keeping
+// its outputs) the peak leaves no room at all, and every output is a miss. With
+// room for one buffer, each output evicted all but the largest stack, and the
+// others were faulted in again in every block: ViT-B/32's qkv stack beside the
+// MLP's, and the Gram matrices. With room for two, a ViT-B/32 x 8 cart_merge
+// took 10.2-11.0 s against 11.0-12.2 s (medians, alternating processes), its
+// peak RSS +60 MiB (benchmarks/NOTES.md, 2026-12-03, fourth session).
 size_t idle_bytes_to_keep(size_t live_after) {
   size_t largest = 0;
   for (const auto& idle : idle_buffers) largest = std::max(largest, idle.bytes);
-  return std::max(peak_live_bytes > live_after ? peak_live_bytes - live_after : 0, largest);
+  return std::max(peak_live_bytes > live_after ? peak_live_bytes - live_after : 0, 2 * largest);
 }
 
 // Under scope_mutex. An idle buffer of exactly `bytes` bytes (removed from
@@ -129,9 +133,9 @@ void free_raw_buffer(void* data) {
 // posix_memalign + madvise. Sizes are not rounded up to whole huge pages: a
 // tensor kept after the merge would hold the rest of its last page. On a
 // miss, idle buffers are freed, smallest first, as far as needed to keep live
-// + idle bytes within the peak of live bytes or within one buffer of it
-// (idle_bytes_to_keep): the reuse raises the memory a merge holds by one
-// buffer at most. The last scope's close frees them all. Smaller allocations
+// + idle bytes within the peak of live bytes or within two buffers of it
+// (idle_bytes_to_keep): the reuse raises the memory a merge holds by twice
+// its largest buffer at most. The last scope's close frees them all. Smaller allocations
 // go to the allocator that was installed before. (The buffers are not
 // reported to torch's memory profiler.)
 struct HugePageAllocator final : at::Allocator {

@@ -118,8 +118,8 @@ def huge_page_allocations(device: torch.device) -> Iterator[None]:
     2 MiB instead of per 4 KiB, about 2 s of 17 s on a [8, 4096, 14336] layer),
     and a buffer freed within is reused by the next allocation of its size, so
     a scope around a whole merge faults fresh pages in only for the first layer
-    of each shape (holding one buffer more than the scope's peak of live
-    buffers at most).
+    of each shape (holding at most twice its largest buffer more than the
+    scope's peak of live buffers).
     Scopes nest. A no-op off the CPU and without the extension."""
     if device.type != "cpu" or not has_kernel("cpu"):
         yield
