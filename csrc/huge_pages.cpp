@@ -135,9 +135,9 @@ void free_raw_buffer(void* data) {
 // miss, idle buffers are freed, smallest first, as far as needed to keep live
 // + idle bytes within the peak of live bytes or within two buffers of it
 // (idle_bytes_to_keep): the reuse raises the memory a merge holds by twice
-// its largest buffer at most. The last scope's close frees them all. Smaller allocations
-// go to the allocator that was installed before. (The buffers are not
-// reported to torch's memory profiler.)
+// its largest buffer at most. The last scope's close frees them all. Smaller
+// allocations go to the allocator that was installed before. (The buffers
+// are not reported to torch's memory profiler.)
 struct HugePageAllocator final : at::Allocator {
   at::DataPtr allocate(size_t nbytes) override {
     if (nbytes < kHugePageBytes) return previous_allocator->allocate(nbytes);

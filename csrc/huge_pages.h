@@ -37,8 +37,8 @@ void end_huge_pages();  // raises if no scope is open
 // Bytes of the huge-page buffers: (idle, kept for reuse inside the open
 // scopes; live, handed out and not yet freed; the peak of live bytes since the
 // outermost scope opened). Idle + live exceed that peak by twice the largest
-// idle buffer at most, and idle == 0 once no scope is open. For tests (the private op
-// _huge_page_pool_bytes); zeros where scopes only count.
+// idle buffer at most, and idle == 0 once no scope is open. For tests (the
+// private op _huge_page_pool_bytes); zeros where scopes only count.
 using HugePagePoolBytes = std::tuple<int64_t, int64_t, int64_t>;
 HugePagePoolBytes huge_page_pool_bytes();
 
