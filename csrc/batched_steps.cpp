@@ -117,6 +117,14 @@ at::Tensor cholesky_qr2_orthonormal_basis(const at::Tensor& Y) {
   return cholesky_qr2(Y).Q;
 }
 
+// R = triu(Q^T Y): one small GEMM instead of carrying R2 R1 and the fallback's R
+// out of cholesky_qr2 (Q is orthonormal and spans Y, so Q^T Y is R to rounding).
+std::tuple<at::Tensor, at::Tensor> cholesky_qr2_basis_and_factor(const at::Tensor& Y) {
+  auto Q = cholesky_qr2(Y).Q;
+  auto R = at::matmul(Q.mT(), Y).triu();
+  return {std::move(Q), std::move(R)};
+}
+
 // Top-k SVD of Q Q^T A through the l x l Gram matrix of B = Q^T A [..., l, n]:
 //
 //   B = Q^T A                     (batched GEMM in A's dtype: the big product)
@@ -175,6 +183,7 @@ EngineSteps batched_engine_steps() {
   EngineSteps steps;
   steps.orthonormal_basis = cholesky_qr2_orthonormal_basis;  // the small SVD is the default
   steps.iteration_basis = cholesky_qr2_orthonormal_basis;
+  steps.iteration_basis_and_factor = cholesky_qr2_basis_and_factor;
   return steps;
 }
 

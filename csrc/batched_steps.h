@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <tuple>
 
 #include "low_rank.h"
 
@@ -31,6 +32,10 @@ OrthonormalBasis cholesky_qr2(const at::Tensor& Y);
 
 // cholesky_qr2(Y).Q: the EngineSteps::orthonormal_basis of the CUDA path.
 at::Tensor cholesky_qr2_orthonormal_basis(const at::Tensor& Y);
+
+// That Q and R [..., p, p] with Y = Q R: the EngineSteps::iteration_basis_and_factor
+// of the CUDA path.
+std::tuple<at::Tensor, at::Tensor> cholesky_qr2_basis_and_factor(const at::Tensor& Y);
 
 // (gram_eigh_svd_of_projection, the small SVD of every device, is declared in
 // low_rank.h.)

@@ -4,6 +4,7 @@
 #include "cpu_matmul.h"
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 namespace lowrank_merge {
@@ -31,9 +32,9 @@ at::Tensor rows_of_interchanges(const at::Tensor& pivots, int64_t m) {
 
 }  // namespace
 
-at::Tensor lu_iteration_basis(const at::Tensor& Y) {
+std::tuple<at::Tensor, at::Tensor> lu_iteration_basis_and_factor(const at::Tensor& Y) {
   const auto m = Y.size(-2), p = Y.size(-1);
-  if (p > m || p == 0) return householder_orthonormal_basis(Y);
+  if (p > m || p == 0) return at::linalg_qr(Y, "reduced");
   const auto Yb = Y.dim() == 2 ? Y.unsqueeze(0) : Y.flatten(0, -3);  // [B, m, p]
   // No error checks: a zero pivot (Y rank deficient) leaves a zero column below
   // L's unit diagonal, and P L keeps full rank.
@@ -44,7 +45,13 @@ at::Tensor lu_iteration_basis(const at::Tensor& Y) {
   Lt.diagonal(0, -2, -1).fill_(1);
   const auto rows = rows_of_interchanges(pivots, m);  // L's row i is row rows[i] of P L
   auto basis_t = at::empty_like(Lt).scatter_(-1, rows.unsqueeze(-2).expand({-1, p, -1}), Lt);
-  return basis_t.mT().reshape(Y.sizes());
+  auto factor_sizes = Y.sizes().vec();
+  factor_sizes[factor_sizes.size() - 2] = p;
+  return {basis_t.mT().reshape(Y.sizes()), LU.narrow(-2, 0, p).triu().reshape(factor_sizes)};
+}
+
+at::Tensor lu_iteration_basis(const at::Tensor& Y) {
+  return std::get<0>(lu_iteration_basis_and_factor(Y));
 }
 
 at::Tensor column_major_product(const at::Tensor& left, const at::Tensor& right) {
@@ -134,14 +141,91 @@ Factors gram_svd(const at::Tensor& A, int64_t k, const EngineSteps& steps) {
   return steps.truncated_svd_of_projection(eigenvectors.narrow(-1, m - k, k), A, k);
 }
 
-// Subspace iteration on the smaller Gram matrix G (A^T A for a tall A, A A^T for
-// a wide or square one: from A's rows, which the products read contiguously;
-// s x s with s = min(m, n)), then Rayleigh-Ritz:
+// The cut b of the Chebyshev filter below: the c-th largest Ritz value of G on
+// the span of basis [..., s, l], c = min(l, (k + l) / 2 + 1), from
+// product = G basis. Ritz values are lower bounds (theta_c <= lambda_c, by
+// interlacing), so b lies below lambda_k and the filter never damps the top k.
+// For a basis that is not orthonormal (P L) they are the eigenvalues of the
+// pencil (B^T G B, B^T B), through the Cholesky factor C of B^T B:
+// eig(C^-1 B^T G B C^-T), in float64 (l x l). Only an estimate is needed, so the
+// two [l, l] products stay in the input dtype. Where B^T B is not numerically
+// positive definite the cut is 0: plain power iteration. Returns [..., 1, 1].
+// The twin: lowrank_merge.engines.chebyshev_cut.
+at::Tensor chebyshev_cut(const at::Tensor& basis, const at::Tensor& product, int64_t k) {
+  const auto l = basis.size(-1);
+  const auto basis_gram = gram_matrix(basis).to(at::kDouble);
+  const auto projected = matrix_product(basis.mT(), product).to(at::kDouble);
+  auto [factor, info] = at::linalg_cholesky_ex(basis_gram, /*upper=*/false, /*check_errors=*/false);
+  const auto usable = info.eq(0);
+  factor = at::where(usable.unsqueeze(-1).unsqueeze(-1), factor, at::eye(l, factor.options()));
+  const auto half = at::linalg_solve_triangular(factor, projected, /*upper=*/false);    // C^-1 H
+  const auto pencil = at::linalg_solve_triangular(factor, half.mT(), /*upper=*/false);  // C^-1 H^T C^-T
+  const auto ritz = at::linalg_eigvalsh((pencil + pencil.mT()) * 0.5);                  // ascending
+  auto cut = ritz.select(-1, l - std::min(l, (k + l) / 2 + 1)).clamp_min(0);
+  cut = at::where(usable.logical_and(cut.isfinite()), cut, at::zeros_like(cut));
+  return cut.to(basis.scalar_type()).unsqueeze(-1).unsqueeze(-1);
+}
+
+// R^-1 of the upper triangular R [..., p, p] (the caller's own, changed), its
+// diagonal entries of magnitude below eps * max |R_ii| first raised to that
+// bound, so that the inverse stays finite where the iterate was rank deficient.
+// Applied as a product: the [s, l] triangular solve it replaces ran at 15 GFLOP/s
+// on ViT-B shapes (benchmarks/NOTES.md). The twin: engines._triangular_inverse.
+at::Tensor triangular_inverse(at::Tensor R) {
+  auto diagonal = R.diagonal(0, -2, -1);
+  auto bound = diagonal.abs().amax(-1, /*keepdim=*/true) *
+               (R.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                               : std::numeric_limits<float>::epsilon());
+  bound = at::where(bound > 0, bound, at::ones_like(bound));
+  diagonal.copy_(at::where(diagonal.abs() < bound, bound.expand_as(diagonal), diagonal));
+  const auto identity = at::eye(R.size(-1), R.options()).expand_as(R);
+  return at::linalg_solve_triangular(R, identity, /*upper=*/true);
+}
+
+// niter filtered products with gram [..., s, s] from start [..., s, l]: a
+// column-major [..., s, l] block spanning p(G) start for the degree-niter
+// Chebyshev polynomial p of the interval [0, b] (b: chebyshev_cut). Components
+// with eigenvalues above b grow by T_j(2 lambda / b - 1), those in [0, b] stay
+// bounded, so the top-k subspace converges about twice as fast per product as
+// plain power iteration (lambda^j), the special case b = 0 (benchmarks/NOTES.md,
+// 2026-12-03, fifth session: at 3 products the rank-k sum is as close to the
+// float64 one as plain iteration's at 5).
+//
+// The recurrence, scaled so that b = 0 is that case and nothing is divided by b:
+//   Z1 = (G - b/2) Z0,  Z2 = (G - b/2) Z1 - b^2/8 Z0,  Z_{j+1} = (G - b/2) Z_j - b^2/16 Z_{j-1}.
+// Before each product Z_j is replaced by its basis Z_j R^-1 (steps.iteration_basis_and_factor)
+// and Z_{j-1} by Z_{j-1} R^-1 (the same right factor, so the recurrence holds),
+// which keeps the block well conditioned. The twin: lowrank_merge.engines.chebyshev_filtered_iterate.
+at::Tensor chebyshev_filtered_iterate(
+    const at::Tensor& gram, const at::Tensor& start, int64_t k, int64_t niter, const EngineSteps& steps) {
+  if (niter == 0) return start;
+  auto basis = steps.iteration_basis(start);
+  auto current = column_major_product(gram, basis);
+  const auto cut = chebyshev_cut(basis, current, k);
+  const auto half_cut = cut * 0.5;
+  current.sub_(basis * half_cut);
+  auto previous = basis;
+  auto weight = cut * cut * 0.125;
+  for (int64_t i = 1; i < niter; ++i) {
+    at::Tensor factor;
+    std::tie(basis, factor) = steps.iteration_basis_and_factor(current);
+    previous = column_major_product(previous, triangular_inverse(factor));
+    current = column_major_product(gram, basis);
+    current.sub_(basis * half_cut).sub_(previous * weight);
+    previous = basis;
+    weight = cut * cut * 0.0625;
+  }
+  return current;
+}
+
+// Chebyshev-filtered subspace iteration on the smaller Gram matrix G (A^T A for
+// a tall A, A A^T for a wide or square one: from A's rows, which the products
+// read contiguously; s x s with s = min(m, n)), then Rayleigh-Ritz:
 //
 //   X = G Omega[:s] (the first s rows of the [n, l] sketch: a Gaussian
 //       block too; for a wide A cheaper than A Omega, and one step further
 //       into the top subspace, as G's spectrum is A's squared),
-//   niter x X = G basis(X),  then X = orth(X),
+//   X = chebyshev_filtered_iterate(G, X) (niter products),  then X = orth(X),
 //   H = X^T G X (l x l, float64) = W diag(s^2) W^T,  E = X W_k [s, k]
 //
 // E holds the top-k eigenvectors of G: the right singular vectors of a tall A,
@@ -157,19 +241,17 @@ Factors gram_svd(const at::Tensor& A, int64_t k, const EngineSteps& steps) {
 // 1e-3 sigma_1, far below the ones a rank-k truncation keeps (the same floor as
 // the gram engine). H is formed and decomposed in float64.
 //
-// basis: the device's steps.iteration_basis (LU on the CPU, CholeskyQR2 on CUDA);
-// orth: its steps.orthonormal_basis (Householder QR on the CPU, CholeskyQR2 on
-// CUDA; on the CPU CholeskyQR2 was within 10 % of Householder either way inside
-// this engine, on ViT-B shapes and on [8, 4096, 14336]; benchmarks/NOTES.md).
+// The bases: the device's steps.iteration_basis(_and_factor) (LU on the CPU,
+// CholeskyQR2 on CUDA) in the iteration; orth: its steps.orthonormal_basis
+// (Householder QR on the CPU, CholeskyQR2 on CUDA; on the CPU CholeskyQR2 was
+// within 10 % of Householder either way inside this engine, on ViT-B shapes and
+// on [8, 4096, 14336]; benchmarks/NOTES.md).
 Factors gram_subspace_svd(
     const at::Tensor& A, int64_t k, const at::Tensor& omega, int64_t niter, const EngineSteps& steps) {
   const auto dtype = A.scalar_type();
   const bool wide = A.size(-2) <= A.size(-1);
   const auto gram = gram_matrix(wide ? A.mT() : A);  // [..., s, s]
-  auto X = column_major_product(gram, omega.narrow(0, 0, gram.size(-1)));
-  for (int64_t i = 0; i < niter; ++i) {
-    X = column_major_product(gram, steps.iteration_basis(X));
-  }
+  auto X = chebyshev_filtered_iterate(gram, column_major_product(gram, omega.narrow(0, 0, gram.size(-1))), k, niter, steps);
   X = steps.orthonormal_basis(X);
   const auto X64 = X.to(at::kDouble);
   const auto ritz = at::matmul(X64.mT(), matrix_product(gram, X).to(at::kDouble));  // [..., l, l]

@@ -29,6 +29,11 @@ at::Tensor householder_orthonormal_basis(const at::Tensor& Y);
 // Wider Y (p > m) gets householder_orthonormal_basis's [m, m] basis.
 at::Tensor lu_iteration_basis(const at::Tensor& Y);
 
+// lu_iteration_basis(Y) and the upper triangular R [..., p, p] with Y = basis R
+// (U of the LU factorisation; it has zero pivots where Y is rank deficient). A
+// wider Y gets Householder QR's Q and R [..., m, p].
+std::tuple<at::Tensor, at::Tensor> lu_iteration_basis_and_factor(const at::Tensor& Y);
+
 // left @ right [..., m, p] laid out column-major (its transpose contiguous),
 // computed as (right^T left^T)^T: the layout in which LAPACK factorises (LU,
 // QR) without first copying. The sketch engines' iterates are made this way.
@@ -55,6 +60,10 @@ struct EngineSteps {
   at::Tensor (*orthonormal_basis)(const at::Tensor& Y) = householder_orthonormal_basis;
   // Y [..., m, p] -> a well-conditioned basis of its columns for the steps before.
   at::Tensor (*iteration_basis)(const at::Tensor& Y) = lu_iteration_basis;
+  // The same basis B and the upper triangular R [..., p, p] with Y = B R, for the
+  // filtered iteration of gram_subspace (p <= m there).
+  std::tuple<at::Tensor, at::Tensor> (*iteration_basis_and_factor)(const at::Tensor& Y) =
+      lu_iteration_basis_and_factor;
   // (Q [..., m, l] orthonormal, A [..., m, n], k) -> top-k factors of Q Q^T A.
   Factors (*truncated_svd_of_projection)(const at::Tensor& Q, const at::Tensor& A, int64_t k) =
       gram_eigh_svd_of_projection;

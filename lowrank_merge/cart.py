@@ -42,17 +42,20 @@ DEFAULT_SCALE = 2.0
 #: keeps the residual within 2 % of the optimal rank-k residual on slowly
 #: decaying spectra (0.1–1.6 % measured, benchmarks/results/engines_cpu_2026-11-23.md).
 DEFAULT_NITER = 2
-#: Iterations of ``gram_subspace`` (and of ``auto``, whichever engine it picks):
-#: with the widened sketch below, 5 brings the rank-k sum within ~4e-3 of the
-#: float64 dense one on 1/i spectra at 8 % rank, about what a float32 dense SVD
-#: gets (3e-3); 4 iterations gave 5e-3 to 1.3e-2 (benchmarks/NOTES.md, 2026-12-02).
-ACCURATE_NITER = 5
+#: Iterations of the accurate settings, per engine (``gram_subspace``, and
+#: ``auto`` with whichever engine it picks). ``gram_subspace``'s
+#: Chebyshev-filtered iteration with 3 products brings the rank-k sum within
+#: ~1e-3 of the float64 dense one on 1/i spectra at 8 % rank, about what a float32
+#: dense SVD gets (and what plain subspace iteration got with 5; 2 gave 4e-3 to
+#: 9e-3). ``randomized``'s power iterations on A keep 5 (benchmarks/NOTES.md,
+#: 2026-12-02 and the fifth session of 2026-12-03).
+ACCURATE_NITER = {"gram_subspace": 3, "randomized": 5}
 #: Extra sketch columns beyond k: 10 for subspace iteration (Halko et al.),
 #: none for block Krylov, whose extra blocks already widen the space.
 DEFAULT_OVERSAMPLE = {"randomized": 10, "krylov": 0}
 #: What ``svd="auto"`` runs, per layer: ``gram_subspace`` or ``randomized``,
-#: whichever :func:`lowrank_merge.engines.engine_cost` predicts cheaper, both
-#: with ``ACCURATE_NITER`` iterations and :func:`accurate_oversample` columns.
+#: whichever :func:`lowrank_merge.engines.engine_cost` predicts cheaper, each
+#: with its ``ACCURATE_NITER`` iterations and :func:`accurate_oversample` columns.
 AUTO_CANDIDATES = ("gram_subspace", "randomized")
 
 
@@ -147,7 +150,12 @@ class MergeSettings:
         whichever of ``AUTO_CANDIDATES`` is predicted cheaper for this shape and rank.
         """
         accurate = self.svd in ("auto", "gram_subspace")
-        niter = self.niter if self.niter is not None else ACCURATE_NITER if accurate else DEFAULT_NITER
+
+        def iterations(engine: str) -> int:
+            if self.niter is not None:
+                return self.niter
+            return ACCURATE_NITER[engine] if accurate else DEFAULT_NITER
+
         if self.oversample is not None:
             oversample = self.oversample
         else:
@@ -155,8 +163,8 @@ class MergeSettings:
         width = sketch_width(k, oversample, m, n)
         engine = self.svd
         if engine == "auto":
-            engine = min(AUTO_CANDIDATES, key=lambda name: engine_cost(name, m, n, k, niter, width))
-        return engine, niter, width
+            engine = min(AUTO_CANDIDATES, key=lambda name: engine_cost(name, m, n, k, iterations(name), width))
+        return engine, iterations(engine), width
 
 
 # ---------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def _settings_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--include", nargs="+", action="extend", metavar="RE", help=f"[{_takers('include')}] only decompose 2-D tensors whose name matches one of these regexes")
     group.add_argument("--exclude", nargs="+", action="extend", metavar="RE", help=f"[{_takers('exclude')}] never decompose tensors matching these regexes (replaces the preset's)")
     group.add_argument("--svd", choices=SVD_CHOICES, help=f"[{_takers('svd')}] top-k SVD engine (default auto: per layer the cheaper of gram_subspace and randomized)")
-    group.add_argument("--niter", type=int, metavar="N", help=f"[{_takers('niter')}] iterations of the sketch engines (default 2 randomized/krylov, 5 gram_subspace/auto)")
+    group.add_argument("--niter", type=int, metavar="N", help=f"[{_takers('niter')}] iterations of the sketch engines (default 2 randomized/krylov, 3 gram_subspace; auto: 3 when it picks gram_subspace, 5 randomized)")
     group.add_argument("--oversample", type=int, metavar="P", help=f"[{_takers('oversample')}] extra sketch columns (default 10 randomized, 0 krylov, max(10, k/2) gram_subspace/auto)")
     group.add_argument("--seed", type=int, metavar="N", help=f"[{_takers('seed')}] seed of the Gaussian sketch (default 0)")
     group.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), help="compute dtype (default float32)")

@@ -194,14 +194,16 @@ def test_auto_runs_the_cheaper_engine_with_the_accurate_settings(shape, k, picke
     m, n = shape
     settings = lm.cart.MergeSettings.create()
     engine, niter, width = settings.layer_engine(m, n, k)
-    assert (engine, niter) == (picked, lm.cart.ACCURATE_NITER)
+    assert (engine, niter) == (picked, lm.cart.ACCURATE_NITER[picked])
     assert width == lm.engines.sketch_width(k, lm.cart.accurate_oversample(k), m, n)
-    gram, randomized = (lm.engines.engine_cost(name, m, n, k, niter, width) for name in ("gram_subspace", "randomized"))
+    gram, randomized = (
+        lm.engines.engine_cost(name, m, n, k, lm.cart.ACCURATE_NITER[name], width) for name in ("gram_subspace", "randomized")
+    )
     assert (picked == "randomized") == (randomized < gram)
     A = torch.randn(m, n, generator=torch.Generator().manual_seed(3))
     auto = lm.low_rank_approx(A, k, svd="auto", seed=1)
     explicit = lm.low_rank_approx(
-        A, k, svd=picked, niter=lm.cart.ACCURATE_NITER, oversample=lm.cart.accurate_oversample(k), seed=1
+        A, k, svd=picked, niter=lm.cart.ACCURATE_NITER[picked], oversample=lm.cart.accurate_oversample(k), seed=1
     )
     for a, b in zip(auto, explicit):
         assert torch.equal(a, b)
@@ -354,3 +356,98 @@ def test_task_average_has_the_bits_of_torch_mean(dtype, tasks):
     if lm.extension_available():
         average, _ = torch.ops.lowrank_merge.centered_low_rank_sum(stack, 1, "exact", 0, None)
         assert torch.equal(average, stack.mean(dim=0))
+
+
+def test_iteration_factor_reproduces_the_iterate():
+    """``Y = B R`` for the LU basis ``B`` and its upper triangular factor ``R``."""
+    g = torch.Generator().manual_seed(12)
+    Y = torch.randn(2, 50, 12, generator=g, dtype=torch.float64)
+    basis, factor = lm.engines._iteration_basis_and_factor(Y)
+    assert torch.equal(basis, lm.engines._iteration_basis(Y))
+    assert factor.shape == (2, 12, 12) and torch.equal(factor, factor.triu())
+    assert (basis @ factor - Y).norm() <= 1e-13 * Y.norm()
+
+
+# ---------------------------------------------------------------------------
+# The Chebyshev filter of gram_subspace
+# ---------------------------------------------------------------------------
+
+
+def _gram_with_eigenvalues(eigenvalues: torch.Tensor, seed: int) -> torch.Tensor:
+    """``Q diag(λ) Qᵀ`` ``[s, s]`` in float64 for a random orthonormal ``Q``."""
+    Q = _orthonormal(eigenvalues.numel(), eigenvalues.numel(), torch.Generator().manual_seed(seed))
+    return (Q * eigenvalues) @ Q.T
+
+
+def test_chebyshev_cut_is_the_ritz_value_below_the_top_k():
+    """The cut is the ((k + l) // 2 + 1)-th largest Ritz value of G on the span
+    of the (not orthonormal) LU basis: equal to the eigenvalue of QᵀGQ for an
+    orthonormal Q of that span, hence (interlacing) between 0 and the
+    eigenvalue of that index, below λ_k. One cut per matrix of a batch."""
+    s, l, k = 120, 24, 10
+    spectra = [1.0 / torch.arange(1, s + 1, dtype=torch.float64) ** 2, torch.logspace(0, -4, s, dtype=torch.float64)]
+    G = torch.stack([_gram_with_eigenvalues(eigenvalues, seed) for seed, eigenvalues in enumerate(spectra)])
+    X = G @ torch.randn(s, l, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    basis = lm.engines._iteration_basis(X)
+    cut = lm.engines.chebyshev_cut(basis, G @ basis, k)
+    assert cut.shape == (2, 1, 1) and cut.dtype == torch.float64
+    Q = torch.linalg.qr(X).Q
+    ritz = torch.linalg.eigvalsh(Q.mT @ G @ Q).flip(-1)  # descending
+    index = (k + l) // 2
+    for matrix, eigenvalues in enumerate(spectra):
+        assert abs(cut[matrix].item() - ritz[matrix, index].item()) <= 1e-10 * eigenvalues[0].item()
+        assert 0 < cut[matrix].item() <= eigenvalues[index].item() < eigenvalues[k - 1].item()
+
+
+def test_chebyshev_cut_is_zero_where_the_basis_is_rank_deficient():
+    """A basis with a zero column makes ``BᵀB`` singular: the cut falls back to
+    0 (plain subspace iteration) for that matrix only."""
+    G = _gram_with_eigenvalues(1.0 / torch.arange(1, 41, dtype=torch.float64), seed=3).expand(2, 40, 40)
+    basis = torch.randn(2, 40, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    basis[1, :, 2] = 0
+    cut = lm.engines.chebyshev_cut(basis, G @ basis, 2)
+    assert cut[0].item() > 0 and cut[1].item() == 0
+
+
+@pytest.mark.parametrize("niter", [1, 2, 3])
+def test_chebyshev_filter_spans_the_polynomial_of_the_gram_matrix(niter):
+    """The re-based, scaled recurrence spans ``T_j(2G/b − 1) X`` (reference: the
+    plain three-term recurrence on the start block in float64, without bases)."""
+    s, l, k = 60, 8, 3
+    G = _gram_with_eigenvalues(torch.logspace(0, -2, s, dtype=torch.float64), seed=9)
+    X = G @ torch.randn(s, l, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    filtered = lm.engines.chebyshev_filtered_iterate(G, X, k, niter)
+    basis = lm.engines._iteration_basis(X)
+    b = lm.engines.chebyshev_cut(basis, G @ basis, k).item()
+    previous, current = X, (2 / b) * (G @ X) - X
+    for _ in range(niter - 1):
+        previous, current = current, (4 / b) * (G @ current) - 2 * current - previous
+    assert filtered.shape == (s, l)
+    assert (_projector(filtered) - _projector(current)).abs().max() <= 1e-9
+
+
+def test_chebyshev_filter_converges_faster_than_subspace_iteration():
+    """At equal products with G, gram_subspace's rank-k truncation is at least 4x
+    closer to the exact one than plain subspace iteration's (a float64 reference
+    written here: QR bases, the same start and Rayleigh–Ritz) on a 1/i spectrum,
+    and with 3 iterations closer than plain iteration with 5 (measured: 3.1e-4
+    against 3.1e-3 and 4.0e-4)."""
+    m, n, k = 600, 200, 16
+    A = _with_spectrum(m, n, 1.0 / torch.arange(1, n + 1, dtype=torch.float64), seed=13)
+    omega = lm.engines.gaussian_sketch(n, lm.engines.sketch_width(k, k // 2, m, n), 0, torch.float64, "cpu")
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    exact = _reconstruct(U[:, :k], S[:k], Vh[:k])
+    G = A.T @ A
+
+    def plain_error(niter: int) -> float:
+        X = G @ omega
+        for _ in range(niter):
+            X = G @ torch.linalg.qr(X).Q
+        Q = torch.linalg.qr(X).Q
+        top = Q @ torch.linalg.eigh(Q.T @ G @ Q).eigenvectors[:, -k:]
+        return ((A @ top @ top.T - exact).norm() / exact.norm()).item()
+
+    filtered = _reconstruct(*lm.engines.gram_subspace_svd(A, k, omega, 3))
+    filtered_error = ((filtered - exact).norm() / exact.norm()).item()
+    assert filtered_error <= 0.25 * plain_error(3)
+    assert filtered_error <= plain_error(5)
