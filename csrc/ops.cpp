@@ -5,7 +5,7 @@
 // lowrank_merge::centered_low_rank_sum(Tensor stack, int k, str engine, int niter, Tensor? omega)
 //     -> (Tensor average, Tensor delta)
 //
-// and private ops: _cholesky_qr2 for the tests; _begin_huge_pages,
+// and private ops: _cholesky_qr2 and _low_rank_factors_batched_steps for the tests; _begin_huge_pages,
 // _end_huge_pages and _set_cpu_matmul_backend for the Python layer.
 //
 // The CUDA kernels of the same ops live in csrc/cuda/ and are registered there.
@@ -100,6 +100,15 @@ std::tuple<at::Tensor, at::Tensor> cholesky_qr2_cpu(const at::Tensor& Y) {
   return {basis.Q, basis.fell_back};
 }
 
+// low_rank_factors with the CUDA path's EngineSteps (CholeskyQR2 bases), on CPU
+// tensors: the CUDA engines' numerics, checked on a machine without a GPU.
+Factors low_rank_factors_batched_steps_cpu(
+    const at::Tensor& A, int64_t k, c10::string_view engine, int64_t niter, const std::optional<at::Tensor>& omega) {
+  const std::string engine_name(engine);
+  check_factor_args(A, k, engine_name, niter, omega);
+  return low_rank_factors_generic(A, k, engine_name, niter, omega, batched_engine_steps());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lowrank_merge, m) {
@@ -108,6 +117,10 @@ TORCH_LIBRARY(lowrank_merge, m) {
   // Private: the CholeskyQR2 orthonormaliser alone, and which matrices of the
   // batch fell back to Householder QR. For tests (test_extension.py, test_cuda.py).
   m.def("_cholesky_qr2(Tensor Y) -> (Tensor Q, Tensor fell_back)");
+  // Private: low_rank_factors with the CUDA path's steps, on the CPU (tests).
+  m.def(
+      "_low_rank_factors_batched_steps(Tensor A, int k, str engine, int niter, Tensor? omega) "
+      "-> (Tensor, Tensor, Tensor)");
   // Private: open and close a huge-page scope (csrc/huge_pages.h) around the
   // Python layer's per-layer work (lowrank_merge._ops.huge_page_allocations).
   m.def("_begin_huge_pages() -> ()", &begin_huge_pages);
@@ -124,6 +137,7 @@ TORCH_LIBRARY_IMPL(lowrank_merge, CPU, m) {
   m.impl("low_rank_factors", &low_rank_factors_cpu);
   m.impl("centered_low_rank_sum", &centered_low_rank_sum_cpu);
   m.impl("_cholesky_qr2", &cholesky_qr2_cpu);
+  m.impl("_low_rank_factors_batched_steps", &low_rank_factors_batched_steps_cpu);
 }
 
 }  // namespace lowrank_merge

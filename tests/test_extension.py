@@ -352,3 +352,25 @@ def test_huge_page_scope_reuses_freed_buffers_within_two_buffers_of_its_peak():
     assert _pool_bytes() == (0, 2 * MiB, int(17.5 * MiB))  # closing frees the idle buffers
     del kept, tiny
     assert _pool_bytes()[:2] == (0, 0)  # freed after the scope: not kept
+
+
+@pytest.mark.parametrize("rank", [None, 5])
+@pytest.mark.parametrize("engine", ["randomized", "krylov", "gram_subspace"])
+def test_cuda_steps_give_the_cpu_steps_results(engine, rank):
+    """The CUDA path's EngineSteps (CholeskyQR2 for every basis, R = triu(QᵀY) for
+    the filter's re-basing), run on CPU tensors, give the CPU steps' results (LU
+    and Householder: other bases of the same spans) to rounding, on float64
+    matrices of full rank and of rank 5 < k + oversample (CholeskyQR2 falls back)."""
+    g = torch.Generator().manual_seed(14)
+    A = _stack((3, 70, 50), torch.float64, seed=14)
+    A = A - A.mean(0)
+    if rank is not None:
+        A = torch.randn(3, 70, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, 50, generator=g, dtype=torch.float64)
+    k = 8
+    omega = _omega(engine, k, 70, 50, torch.float64)
+    batched = torch.ops.lowrank_merge._low_rank_factors_batched_steps(A, k, engine, 3, omega)
+    cpu = ops.low_rank_factors(A, k, engine, 3, omega)
+    rec_batched, rec_cpu = ((U * S.unsqueeze(-2)) @ Vh for U, S, Vh in (batched, cpu))
+    assert torch.isfinite(rec_batched).all()
+    assert relative_error(rec_batched, rec_cpu) <= 1e-9
+    assert relative_error(batched[1], cpu[1]) <= 1e-9
