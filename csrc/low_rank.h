@@ -61,7 +61,7 @@ struct EngineSteps {
   // Y [..., m, p] -> a well-conditioned basis of its columns for the steps before.
   at::Tensor (*iteration_basis)(const at::Tensor& Y) = lu_iteration_basis;
   // The same basis B and the upper triangular R [..., p, p] with Y = B R, for the
-  // filtered iteration of gram_subspace (p <= m there).
+  // filtered iteration of gram_subspace and chebyshev (p <= m there).
   std::tuple<at::Tensor, at::Tensor> (*iteration_basis_and_factor)(const at::Tensor& Y) =
       lu_iteration_basis_and_factor;
   // (Q [..., m, l] orthonormal, A [..., m, n], k) -> top-k factors of Q Q^T A.
@@ -70,8 +70,8 @@ struct EngineSteps {
 };
 
 // Top-k factors U [..., m, k], S [..., k], Vh [..., k, n] of A [..., m, n].
-// engine: "exact", "randomized", "krylov", "gram" or "gram_subspace"; omega [n, l]
-// is the shared Gaussian sketch needed by the three sketch engines. steps: see EngineSteps.
+// engine: "exact", "randomized", "krylov", "gram", "gram_subspace" or "chebyshev";
+// omega [n, l] is the shared Gaussian sketch needed by the four sketch engines. steps: see EngineSteps.
 Factors low_rank_factors_generic(
     const at::Tensor& A, int64_t k, const std::string& engine, int64_t niter,
     const std::optional<at::Tensor>& omega, const EngineSteps& steps = EngineSteps{});

@@ -42,25 +42,27 @@ DEFAULT_SCALE = 2.0
 #: keeps the residual within 2 % of the optimal rank-k residual on slowly
 #: decaying spectra (0.1–1.6 % measured, benchmarks/results/engines_cpu_2026-11-23.md).
 DEFAULT_NITER = 2
-#: Iterations of the accurate settings, per engine (``gram_subspace``, and
-#: ``auto`` with whichever engine it picks). ``gram_subspace``'s
+#: Iterations of the accurate engines (``gram_subspace``, ``chebyshev``, and
+#: ``auto`` with whichever of them it picks). ``gram_subspace``'s
 #: Chebyshev-filtered iteration with 3 products brings the rank-k sum within
 #: ~1e-3 of the float64 dense one on 1/i spectra at 8 % rank, about what a float32
 #: dense SVD gets (and what plain subspace iteration got with 5; 2 gave 4e-3 to
-#: 9e-3). ``randomized``'s power iterations on A keep 5 (benchmarks/NOTES.md,
-#: 2026-12-02 and the fifth session of 2026-12-03).
-ACCURATE_NITER = {"gram_subspace": 3, "randomized": 5}
+#: 9e-3). ``chebyshev``, the same filter applied through A, starts half a step
+#: behind (from A Ω, not G Ω) and needs 4 for the accuracy that ``randomized``'s
+#: plain iteration reached with 5 (benchmarks/NOTES.md, 2026-12-02 and the fifth
+#: session of 2026-12-03).
+ACCURATE_NITER = {"gram_subspace": 3, "chebyshev": 4}
 #: Extra sketch columns beyond k: 10 for subspace iteration (Halko et al.),
 #: none for block Krylov, whose extra blocks already widen the space.
 DEFAULT_OVERSAMPLE = {"randomized": 10, "krylov": 0}
-#: What ``svd="auto"`` runs, per layer: ``gram_subspace`` or ``randomized``,
+#: What ``svd="auto"`` runs, per layer: ``gram_subspace`` or ``chebyshev``,
 #: whichever :func:`lowrank_merge.engines.engine_cost` predicts cheaper, each
 #: with its ``ACCURATE_NITER`` iterations and :func:`accurate_oversample` columns.
-AUTO_CANDIDATES = ("gram_subspace", "randomized")
+AUTO_CANDIDATES = ("gram_subspace", "chebyshev")
 
 
 def accurate_oversample(k: int) -> int:
-    """Extra sketch columns of ``gram_subspace`` and ``auto``: ``max(10, k // 2)``.
+    """Extra sketch columns of ``gram_subspace``, ``chebyshev`` and ``auto``: ``max(10, k // 2)``.
 
     Proportional to k because what sets the convergence of the k-th singular
     vector is σ_{l+1}/σ_k, about k / l on slowly decaying spectra.
@@ -145,11 +147,11 @@ class MergeSettings:
         """``(engine, niter, sketch width)`` for an ``[m, n]`` layer at rank ``k``.
 
         Explicit ``niter`` / ``oversample`` win; otherwise ``randomized`` and
-        ``krylov`` take ``DEFAULT_NITER`` / ``DEFAULT_OVERSAMPLE`` and
-        ``gram_subspace`` and ``auto`` the accurate ones. ``auto`` then runs
+        ``krylov`` take ``DEFAULT_NITER`` / ``DEFAULT_OVERSAMPLE``, and
+        ``gram_subspace``, ``chebyshev`` and ``auto`` the accurate ones. ``auto`` then runs
         whichever of ``AUTO_CANDIDATES`` is predicted cheaper for this shape and rank.
         """
-        accurate = self.svd in ("auto", "gram_subspace")
+        accurate = self.svd in ("auto", *ACCURATE_NITER)
 
         def iterations(engine: str) -> int:
             if self.niter is not None:
@@ -576,9 +578,11 @@ def cart_merge(
             choosing the low-ranked 2-D tensors. ``exclude=None`` means
             :data:`~lowrank_merge.DEFAULT_EXCLUDE`; see
             :func:`~lowrank_merge.key_preset` for the reference filter.
-        svd: ``"auto"``, ``"exact"``, ``"randomized"``, ``"krylov"`` or ``"gram"``.
+        svd: ``"auto"``, ``"exact"``, ``"randomized"``, ``"krylov"``, ``"gram"``,
+            ``"gram_subspace"`` or ``"chebyshev"`` (see the README's engine table).
         niter / oversample: iterations and extra sketch columns of the sketch
-            engines (defaults: 2, and 10 for ``randomized`` / 0 for ``krylov``).
+            engines (defaults: 2, and 10 for ``randomized`` / 0 for ``krylov``;
+            3 / 4 and ``max(10, k // 2)`` for ``gram_subspace`` / ``chebyshev``).
         seed: seed of the Gaussian sketch; equal seeds give equal results.
         device: where the math runs (default: where the tensors are).
         compute_dtype: float32 (default) or float64.

@@ -26,6 +26,11 @@ Engines (``svd=`` everywhere in the library):
   twice as fast per product as powers of ``G``, so the top-k subspace is as
   accurate as the dense SVD's on slowly decaying spectra after a few
   iterations, at a fraction of the ``gram`` engine's dense ``eigh``.
+* ``"chebyshev"``: the same filtered iteration on ``G = A Aᵀ`` without forming
+  ``G`` (each product ``A (Aᵀ X)``), from ``A Ω``, then ``randomized``'s small
+  SVD: for shapes where forming ``G`` costs more than the iterations (low
+  ranks of large matrices), where it needs fewer passes over ``A`` than
+  ``randomized`` for the same accuracy.
 
 The sketch engines' power steps keep each iterate's span with an LU basis
 (``P L`` of ``Y = P L U``, cheaper than QR and as good for the iteration), and
@@ -46,12 +51,14 @@ are opposite and their reconstructions cancel, as they must.
 from __future__ import annotations
 
 import os
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-ENGINES = ("exact", "randomized", "krylov", "gram", "gram_subspace")
-SKETCH_ENGINES = ("randomized", "krylov", "gram_subspace")
+ENGINES = ("exact", "randomized", "krylov", "gram", "gram_subspace", "chebyshev")
+SKETCH_ENGINES = ("randomized", "krylov", "gram_subspace", "chebyshev")
 
 
 #: Sketch widths are rounded up to a multiple of this. BLAS runs the skinny
@@ -100,10 +107,17 @@ def _flop_parts(engine: str, m: int, n: int, k: int, niter: int, width: int) -> 
     # Factorisations: an LU iteration basis of r rows r·l², the final QR (factor
     # and form Q) 4·r·l², a dense eigh 9·l³ (and the small SVD's float64 Gram 4·n·l²).
     if engine == "gram_subspace":
-        # The filter's cut adds two [l, l] products and an eigvalsh; each basis, a triangular solve.
-        products = gram + 2.0 * s * s * l * (niter + 2) + 4.0 * s * l * l + 2.0 * mn * k
-        return products, 2.0 * s * l * l * niter + 4.0 * s * l * l + 18.0 * l**3
+        # The filter: per iteration an LU basis (s·l²) and a re-basing product
+        # (2·s·l²); once, the cut's two [l, l] products and its small eigvalsh.
+        filter_products = 4.0 * s * l * l + 2.0 * s * l * l * max(niter - 1, 0)
+        products = gram + 2.0 * s * s * l * (niter + 2) + filter_products + 2.0 * mn * k
+        return products, s * l * l * niter + 4.0 * s * l * l + 18.0 * l**3
     products_with_a = 2.0 * mn * l * (1 + 2 * niter)
+    if engine == "chebyshev":
+        # The same filter on the m side, without a basis between Aᵀ B and A (Aᵀ B).
+        filter_products = 4.0 * m * l * l + 2.0 * m * l * l * max(niter - 1, 0)
+        products = products_with_a + 2.0 * mn * l + filter_products + 4.0 * n * l * l
+        return products, m * l * l * niter + 4.0 * m * l * l + 40.0 * l**3
     if engine == "krylov":
         basis = l * (niter + 1)
         bases = m * l * l * (niter + 1) + 4.0 * m * basis**2
@@ -125,7 +139,7 @@ def engine_cost(engine: str, m: int, n: int, k: int, niter: int, width: int) -> 
     factorisations weighted by ``FACTORIZATION_WEIGHT``, the sketch engines'
     skinny products by ``SKINNY_PRODUCT_WEIGHT``. What ``svd="auto"`` minimises."""
     products, factorizations = _flop_parts(engine, m, n, k, niter, width)
-    if engine in ("randomized", "krylov"):
+    if engine in ("randomized", "krylov", "chebyshev"):
         products *= SKINNY_PRODUCT_WEIGHT
     return products + FACTORIZATION_WEIGHT * factorizations
 
@@ -461,8 +475,12 @@ def _triangular_inverse(R: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(R, identity, upper=True)
 
 
-def chebyshev_filtered_iterate(gram: Tensor, start: Tensor, k: int, niter: int) -> Tensor:
-    """``niter`` filtered products with ``gram [..., s, s]`` from ``start [..., s, l]``:
+def chebyshev_filtered_iterate(
+    apply_gram: Callable[[Tensor], Tensor], start: Tensor, k: int, niter: int
+) -> Tensor:
+    """``niter`` filtered products with a symmetric positive semi-definite
+    ``G [..., s, s]`` from ``start [..., s, l]``, where ``apply_gram(B)`` is
+    ``G B``, column-major (``G`` itself, or ``A (Aᵀ B)`` without forming it):
     a column-major ``[..., s, l]`` block spanning ``p(G) · start`` for the
     degree-``niter`` Chebyshev polynomial ``p`` of the interval ``[0, b]``
     (``b``: :func:`chebyshev_cut`). Components with eigenvalues above ``b`` grow
@@ -479,14 +497,14 @@ def chebyshev_filtered_iterate(gram: Tensor, start: Tensor, k: int, niter: int) 
     if niter == 0:
         return start
     basis = _iteration_basis(start)
-    current = _column_major_product(gram, basis)
+    current = apply_gram(basis)
     cut = chebyshev_cut(basis, current, k)
     current.sub_(basis * (cut / 2))
     previous, weight = basis, cut * cut / 8
     for _ in range(niter - 1):
         basis, factor = _iteration_basis_and_factor(current)
         previous = _column_major_product(previous, _triangular_inverse(factor))
-        current = _column_major_product(gram, basis)
+        current = apply_gram(basis)
         current.sub_(basis * (cut / 2)).sub_(previous * weight)
         previous, weight = basis, cut * cut / 16
     return current
@@ -502,7 +520,8 @@ def gram_subspace_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Ten
     """
     wide = A.shape[-2] <= A.shape[-1]  # a square A too: its rows are contiguous
     gram = gram_matrix(A.mT if wide else A)  # [..., s, s]
-    X = chebyshev_filtered_iterate(gram, _column_major_product(gram, omega[: gram.shape[-1]]), k, niter)
+    X = _column_major_product(gram, omega[: gram.shape[-1]])
+    X = chebyshev_filtered_iterate(partial(_column_major_product, gram), X, k, niter)
     X = _orthonormal_basis(X)
     X64 = X.double()
     ritz = X64.mT @ matrix_product(gram, X).double()  # [..., l, l]
@@ -516,6 +535,19 @@ def gram_subspace_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Ten
     if wide:
         return E.contiguous(), S.contiguous(), other.div_(safe_S.unsqueeze(-1)).contiguous()
     return other.div_(safe_S.unsqueeze(-2)).contiguous(), S.contiguous(), E.mT.contiguous()
+
+
+def chebyshev_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Chebyshev-filtered subspace iteration on ``G = A Aᵀ``, applied as
+    ``A (Aᵀ B)`` without forming it, from ``A Ω``; then the small SVD of the
+    projection, as ``randomized``. Each iteration costs ``randomized``'s two
+    passes over ``A`` but converges about twice as fast; unlike ``randomized``
+    it keeps no basis between ``Aᵀ B`` and ``A (Aᵀ B)``, so, as in
+    ``gram_subspace``, the iteration sees ``A``'s squared spectrum."""
+    X = chebyshev_filtered_iterate(
+        lambda B: _column_major_product(A, matrix_product(A.mT, B)), _column_major_product(A, omega), k, niter
+    )
+    return _truncated_svd_of_projection(_orthonormal_basis(X), A, k)
 
 
 def low_rank_factors(
@@ -538,6 +570,8 @@ def low_rank_factors(
         return krylov_svd(A, k, omega, niter)
     if engine == "gram_subspace":
         return gram_subspace_svd(A, k, omega, niter)
+    if engine == "chebyshev":
+        return chebyshev_svd(A, k, omega, niter)
     raise ValueError(f"unknown svd engine {engine!r}; choose one of {ENGINES}")
 
 

@@ -10,7 +10,7 @@ import torch
 
 import lowrank_merge as lm
 
-FAST_ENGINES = ["randomized", "krylov", "gram", "gram_subspace", "auto"]
+FAST_ENGINES = ["randomized", "krylov", "gram", "gram_subspace", "chebyshev", "auto"]
 ALL_ENGINES = ["exact", *FAST_ENGINES]
 
 
@@ -186,7 +186,7 @@ def test_odd_symmetry(svd, dtype):
 
 @pytest.mark.parametrize(
     ("shape", "k", "picked"),
-    [((400, 64), 16, "gram_subspace"), ((64, 400), 16, "gram_subspace"), ((2000, 1000), 2, "randomized")],
+    [((400, 64), 16, "gram_subspace"), ((64, 400), 16, "gram_subspace"), ((2000, 1000), 2, "chebyshev")],
 )
 def test_auto_runs_the_cheaper_engine_with_the_accurate_settings(shape, k, picked):
     """auto = the engine of lower ``engine_cost``, run with ACCURATE_NITER and
@@ -196,10 +196,10 @@ def test_auto_runs_the_cheaper_engine_with_the_accurate_settings(shape, k, picke
     engine, niter, width = settings.layer_engine(m, n, k)
     assert (engine, niter) == (picked, lm.cart.ACCURATE_NITER[picked])
     assert width == lm.engines.sketch_width(k, lm.cart.accurate_oversample(k), m, n)
-    gram, randomized = (
-        lm.engines.engine_cost(name, m, n, k, lm.cart.ACCURATE_NITER[name], width) for name in ("gram_subspace", "randomized")
+    gram, chebyshev = (
+        lm.engines.engine_cost(name, m, n, k, lm.cart.ACCURATE_NITER[name], width) for name in ("gram_subspace", "chebyshev")
     )
-    assert (picked == "randomized") == (randomized < gram)
+    assert (picked == "chebyshev") == (chebyshev < gram)
     A = torch.randn(m, n, generator=torch.Generator().manual_seed(3))
     auto = lm.low_rank_approx(A, k, svd="auto", seed=1)
     explicit = lm.low_rank_approx(
@@ -240,7 +240,7 @@ def _low_rank_sum_error_vs_float64(stack: torch.Tensor, k: int, svd: str) -> flo
 
 @pytest.mark.parametrize("shape", [(1536, 384), (384, 1536)])
 def test_accurate_engines_match_the_float64_low_rank_sum_without_a_gap(shape):
-    """The merged delta of gram_subspace and auto is within 1e-2 of the float64
+    """The merged delta of gram_subspace, chebyshev and auto is within 1e-2 of the float64
     dense reference on 1/i spectra at 8 % rank, where the fast default of the
     randomized engine is off by about 10 % (the float32 dense SVD: ~1e-3)."""
     m, n = shape
@@ -249,7 +249,7 @@ def test_accurate_engines_match_the_float64_low_rank_sum_without_a_gap(shape):
     exact = _low_rank_sum_error_vs_float64(stack, k, "exact")
     assert exact < 3e-3  # float32 rounding, amplified by the missing gap
     assert _low_rank_sum_error_vs_float64(stack, k, "randomized") > 5e-2  # the case is hard
-    for svd in ("gram_subspace", "auto"):
+    for svd in ("gram_subspace", "chebyshev", "auto"):
         assert _low_rank_sum_error_vs_float64(stack, k, svd) <= 1e-2, svd
 
 
@@ -416,7 +416,7 @@ def test_chebyshev_filter_spans_the_polynomial_of_the_gram_matrix(niter):
     s, l, k = 60, 8, 3
     G = _gram_with_eigenvalues(torch.logspace(0, -2, s, dtype=torch.float64), seed=9)
     X = G @ torch.randn(s, l, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
-    filtered = lm.engines.chebyshev_filtered_iterate(G, X, k, niter)
+    filtered = lm.engines.chebyshev_filtered_iterate(lambda B: G @ B, X, k, niter)
     basis = lm.engines._iteration_basis(X)
     b = lm.engines.chebyshev_cut(basis, G @ basis, k).item()
     previous, current = X, (2 / b) * (G @ X) - X
@@ -451,3 +451,17 @@ def test_chebyshev_filter_converges_faster_than_subspace_iteration():
     filtered_error = ((filtered - exact).norm() / exact.norm()).item()
     assert filtered_error <= 0.25 * plain_error(3)
     assert filtered_error <= plain_error(5)
+
+
+def test_chebyshev_engine_is_the_filter_on_a_aᵀ_without_forming_it():
+    """``chebyshev`` equals the filter applied to the explicit ``A Aᵀ`` from
+    ``A Ω``, then the projection's small SVD (float64, to rounding)."""
+    g = torch.Generator().manual_seed(15)
+    A = torch.randn(2, 90, 70, generator=g, dtype=torch.float64) * (1.0 / torch.arange(1, 71, dtype=torch.float64))
+    k = 6
+    omega = lm.engines.gaussian_sketch(70, lm.engines.sketch_width(k, 10, 90, 70), 0, torch.float64, "cpu")
+    G = A @ A.mT
+    X = lm.engines.chebyshev_filtered_iterate(lambda B: G @ B, A @ omega, k, 4)
+    explicit = lm.engines._truncated_svd_of_projection(torch.linalg.qr(X).Q, A, k)
+    implicit = lm.engines.chebyshev_svd(A, k, omega, 4)
+    assert (_reconstruct(*implicit) - _reconstruct(*explicit)).norm() <= 1e-10 * A.norm()

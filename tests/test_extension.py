@@ -23,7 +23,7 @@ requires_extension = pytest.mark.skipif(
 )
 pytestmark = requires_extension
 
-ENGINES = ["exact", "randomized", "krylov", "gram", "gram_subspace"]
+ENGINES = ["exact", "randomized", "krylov", "gram", "gram_subspace", "chebyshev"]
 SHAPES = [(3, 24, 16), (2, 16, 24), (4, 20, 20), (2, 1, 9)]
 
 
@@ -355,7 +355,7 @@ def test_huge_page_scope_reuses_freed_buffers_within_two_buffers_of_its_peak():
 
 
 @pytest.mark.parametrize("rank", [None, 5])
-@pytest.mark.parametrize("engine", ["randomized", "krylov", "gram_subspace"])
+@pytest.mark.parametrize("engine", ["randomized", "krylov", "gram_subspace", "chebyshev"])
 def test_cuda_steps_give_the_cpu_steps_results(engine, rank):
     """The CUDA path's EngineSteps (CholeskyQR2 for every basis, R = triu(QᵀY) for
     the filter's re-basing), run on CPU tensors, give the CPU steps' results (LU
