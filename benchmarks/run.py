@@ -573,7 +573,7 @@ def header_lines(report: dict) -> list[str]:
         + f"; CPU matmul backend of the run: {report['cpu_matmul_backend']}), "
         f"copy bandwidth {report['copy_gbps']:.1f} GB/s (read + write)",
         f"engines: randomized/krylov niter {DEFAULT_NITER}, oversample {DEFAULT_OVERSAMPLE}; "
-        f"gram_subspace and auto (the default: per layer the cheaper of gram_subspace and randomized by "
+        f"gram_subspace, chebyshev and auto (the default: per layer the cheaper of gram_subspace and chebyshev by "
         f"engine_cost) niter " + ", ".join(f"{name} {niter}" for name, niter in ACCURATE_NITER.items()) + ", oversample max(10, k // 2)",
         "timing: " + ("every method called once untimed first (--warm-long-runs)" if report.get("warm_long_runs")
                       else "runs over 1 s timed once, cold"),

@@ -28,8 +28,8 @@ Engines (``svd=`` everywhere in the library):
   iterations, at a fraction of the ``gram`` engine's dense ``eigh``.
 * ``"chebyshev"``: the same filtered iteration on ``G = A Aᵀ`` without forming
   ``G`` (each product ``A (Aᵀ X)``), from ``A Ω``, then ``randomized``'s small
-  SVD: for shapes where forming ``G`` costs more than the iterations (low
-  ranks of large matrices), where it needs fewer passes over ``A`` than
+  SVD. It suits shapes where forming ``G`` costs more than the iterations (low
+  ranks of large matrices), and needs fewer passes over ``A`` than
   ``randomized`` for the same accuracy.
 
 The sketch engines' power steps keep each iterate's span with an LU basis
