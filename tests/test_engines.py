@@ -453,7 +453,7 @@ def test_chebyshev_filter_converges_faster_than_subspace_iteration():
     assert filtered_error <= plain_error(5)
 
 
-def test_chebyshev_engine_is_the_filter_on_a_aᵀ_without_forming_it():
+def test_chebyshev_engine_is_the_filter_on_the_explicit_gram_matrix():
     """``chebyshev`` equals the filter applied to the explicit ``A Aᵀ`` from
     ``A Ω``, then the projection's small SVD (float64, to rounding)."""
     g = torch.Generator().manual_seed(15)
