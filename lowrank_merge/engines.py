@@ -287,6 +287,11 @@ def _rows_of_interchanges(pivots: Tensor, m: int) -> Tensor:
     for swap_with in pivots.tolist():
         row_of = list(range(m))
         for i, j in enumerate(swap_with):
+            if not 1 <= j <= m:  # LAPACK's answer for a non-finite iterate
+                raise RuntimeError(
+                    f"lowrank_merge: the LU factorisation of an iterate returned the row interchange {j} "
+                    f"outside [1, {m}]: the iterate is not finite"
+                )
             row_of[i], row_of[j - 1] = row_of[j - 1], row_of[i]
         rows.append(row_of)
     return torch.tensor(rows, dtype=torch.int64, device=pivots.device).reshape(len(rows), m)

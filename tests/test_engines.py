@@ -465,3 +465,11 @@ def test_chebyshev_engine_is_the_filter_on_the_explicit_gram_matrix():
     explicit = lm.engines._truncated_svd_of_projection(torch.linalg.qr(X).Q, A, k)
     implicit = lm.engines.chebyshev_svd(A, k, omega, 4)
     assert (_reconstruct(*implicit) - _reconstruct(*explicit)).norm() <= 1e-10 * A.norm()
+
+
+def test_row_interchanges_out_of_range_raise():
+    """LAPACK returns interchanges outside [1, m] for a non-finite iterate: a
+    clear error (the C++ twin raised nothing and wrote out of bounds)."""
+    assert lm.engines._rows_of_interchanges(torch.tensor([[2, 2, 3]], dtype=torch.int32), 3).tolist() == [[1, 0, 2]]
+    with pytest.raises(RuntimeError, match="not finite"):
+        lm.engines._rows_of_interchanges(torch.tensor([[0, 2]], dtype=torch.int32), 3)
