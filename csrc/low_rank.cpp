@@ -44,9 +44,19 @@ std::tuple<at::Tensor, at::Tensor> lu_iteration_basis_and_factor(const at::Tenso
   const auto m = Y.size(-2), p = Y.size(-1);
   if (p > m || p == 0) return at::linalg_qr(Y, "reduced");
   const auto Yb = Y.dim() == 2 ? Y.unsqueeze(0) : Y.flatten(0, -3);  // [B, m, p]
+  // One matrix at a time: torch 2.13's batched CPU LU returned out-of-range
+  // pivots for random [2 or 4, 4096, 1536] and [4, 2048, 1536] batches (not for
+  // [3, 4096, 1536], [4, 4096, 1024] or [8, 4096, 496]; benchmarks/NOTES.md).
   // No error checks: a zero pivot (Y rank deficient) leaves a zero column below
   // L's unit diagonal, and P L keeps full rank.
-  const auto [LU, pivots, info] = at::linalg_lu_factor_ex(Yb, /*pivot=*/true, /*check_errors=*/false);
+  std::vector<at::Tensor> LUs_t, pivots_per_matrix;
+  for (int64_t b = 0; b < Yb.size(0); ++b) {
+    auto [lu, matrix_pivots, info] = at::linalg_lu_factor_ex(Yb[b], /*pivot=*/true, /*check_errors=*/false);
+    LUs_t.push_back(lu.mT());  // lu is column-major: its transpose [p, m] is contiguous
+    pivots_per_matrix.push_back(matrix_pivots);
+  }
+  const auto LU = at::stack(LUs_t).mT();  // [B, m, p], column-major
+  const auto pivots = at::stack(pivots_per_matrix);
   // LU is column-major, so L^T [B, p, m] is the contiguous side: L's rows are
   // permuted as L^T's columns (2-3x faster than tril and a row scatter on [B, m, p]).
   auto Lt = LU.mT().triu(1);

@@ -311,9 +311,13 @@ def _iteration_basis_and_factor(Y: Tensor) -> tuple[Tensor, Tensor]:
     if p > m or p == 0:
         return torch.linalg.qr(Y, mode="reduced")
     Yb = Y.reshape(-1, m, p)
-    # No error checks: a zero pivot (Y rank deficient) leaves a zero column
-    # below L's unit diagonal, and P L keeps full rank.
-    LU, pivots, _ = torch.linalg.lu_factor_ex(Yb)
+    # One matrix at a time: torch 2.13's batched CPU LU returned out-of-range
+    # pivots for random [2 or 4, 4096, 1536] and [4, 2048, 1536] batches
+    # (benchmarks/NOTES.md). No error checks: a zero pivot (Y rank deficient)
+    # leaves a zero column below L's unit diagonal, and P L keeps full rank.
+    factorizations = [torch.linalg.lu_factor_ex(matrix) for matrix in Yb]
+    LU = torch.stack([lu.mT for lu, _, _ in factorizations]).mT  # column-major, as LAPACK returns it
+    pivots = torch.stack([matrix_pivots for _, matrix_pivots, _ in factorizations])
     # LU is column-major, so Lᵀ [B, p, m] is the contiguous side: L's rows are
     # permuted as Lᵀ's columns.
     Lt = LU.mT.triu(1)

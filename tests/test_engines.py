@@ -473,3 +473,12 @@ def test_row_interchanges_out_of_range_raise():
     assert lm.engines._rows_of_interchanges(torch.tensor([[2, 2, 3]], dtype=torch.int32), 3).tolist() == [[1, 0, 2]]
     with pytest.raises(RuntimeError, match="not finite"):
         lm.engines._rows_of_interchanges(torch.tensor([[0, 2]], dtype=torch.int32), 3)
+
+
+def test_iteration_basis_of_a_batch_where_torchs_batched_lu_fails():
+    """torch 2.13's batched CPU LU returned out-of-range pivots for [2, 2048, 1536]
+    batches of random matrices; the bases factor one matrix at a time (``Y = B R``)."""
+    Y = torch.randn(2, 1536, 2048, generator=torch.Generator().manual_seed(16)).mT  # column-major, as iterates are
+    basis, factor = lm.engines._iteration_basis_and_factor(Y)
+    assert torch.isfinite(basis).all() and basis.abs().max() <= 1.0
+    assert (basis @ factor - Y).norm() <= 1e-4 * Y.norm()
