@@ -55,9 +55,11 @@ at::Tensor matrix_product(const at::Tensor& left, const at::Tensor& right) {
   }
   const auto m = left.size(-2), k = left.size(-1), n = right.size(-1);
   if (m * k * n < kOneDnnMinMultiplyAdds) return at::matmul(left, right);
-  // oneDNN's fast kernels read a weight (right^T) that is dense, row- or
-  // column-major; a column block of a matrix ran ~1000x slower.
-  if (!rows_contiguous(right) && !rows_contiguous(right.mT())) return at::matmul(left, right);
+  // oneDNN's fast kernels read a weight (right^T) that is dense and row-major:
+  // a column block of a matrix ran ~1000x slower, and a column-major weight (a
+  // row-major right: the projection Q^T A, the reconstruction) 1.2-3x slower
+  // than the BLAS (benchmarks/NOTES.md, 2026-12-03, sixth session).
+  if (!rows_contiguous(right.mT())) return at::matmul(left, right);
   if (!rows_contiguous(left)) {
     // oneDNN would copy it: worth it for a sketch or a basis beside a stack,
     // not for a stack's transpose (memory), which the BLAS reads in place.

@@ -28,7 +28,7 @@ void set_cpu_matmul_backend(const std::string& name);
 // like at::matmul's result. Through oneDNN where the backend is "onednn", both
 // are float32 CPU tensors, a matrix product has at least
 // kOneDnnMinMultiplyAdds multiply-adds (smaller ones: its ~20 us per call
-// loses to the BLAS), right's matrices are dense (row- or column-major), and
+// loses to the BLAS), right's matrices are dense and column-major, and
 // left is row-major or smaller than right (then copied once); at::matmul
 // otherwise.
 at::Tensor matrix_product(const at::Tensor& left, const at::Tensor& right);

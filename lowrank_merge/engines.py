@@ -240,7 +240,7 @@ def matrix_product(left: Tensor, right: Tensor) -> Tensor:
 
     Through oneDNN where the backend is ``"onednn"``, both are float32 CPU tensors,
     a matrix product has at least :data:`ONEDNN_MIN_MULTIPLY_ADDS` multiply-adds,
-    ``right``'s matrices are dense (row- or column-major) and ``left`` is
+    ``right``'s matrices are dense and column-major and ``left`` is
     row-major or smaller than ``right`` (then copied once; one call per matrix
     of the batch); ``@`` otherwise. The twin of
     ``matrix_product`` in csrc/cpu_matmul.cpp.
@@ -253,9 +253,12 @@ def matrix_product(left: Tensor, right: Tensor) -> Tensor:
     n = right.shape[-1]
     if m * k * n < ONEDNN_MIN_MULTIPLY_ADDS:
         return left @ right
-    if not (_rows_contiguous(right) or _rows_contiguous(right.mT)):
-        # oneDNN's fast kernels read a weight (rightᵀ) that is dense, row- or
-        # column-major; a column block of a matrix ran ~1000x slower.
+    if not _rows_contiguous(right.mT):
+        # oneDNN's fast kernels read a weight (rightᵀ) that is dense and
+        # row-major: a column block of a matrix ran ~1000x slower, and a
+        # column-major weight (a row-major ``right``: the projection Qᵀ A, the
+        # reconstruction) 1.2-3x slower than the BLAS (benchmarks/NOTES.md,
+        # 2026-12-03, sixth session).
         return left @ right
     if not _rows_contiguous(left):
         # oneDNN would copy it: worth it for a sketch or a basis beside a stack,
@@ -335,7 +338,9 @@ def _iteration_basis(Y: Tensor) -> Tensor:
 def _column_major_product(left: Tensor, right: Tensor) -> Tensor:
     """``left @ right`` laid out column-major (its transpose contiguous), computed
     as ``(rightᵀ leftᵀ)ᵀ``: the layout in which LAPACK factorises (LU, QR)
-    without first copying. The sketch engines' iterates are made this way."""
+    without first copying. The sketch engines' iterates are made this way; for
+    ``Aᵀ B`` with a row-major ``A`` it is also the faster product (the BLAS
+    reads ``A`` row-major: 25-45 % faster on the ViT-B and 1024² shapes)."""
     return matrix_product(right.mT, left.mT).mT
 
 
@@ -384,7 +389,7 @@ def krylov_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Tensor, Te
     for _ in range(niter):
         # A well-conditioned basis of each block keeps its span and the iteration
         # stable; the final basis of all blocks is orthonormalised.
-        block = _iteration_basis(_column_major_product(A, matrix_product(A.mT, block)))
+        block = _iteration_basis(_column_major_product(A, _column_major_product(A.mT, block)))
         blocks.append(block)
     Q = _orthonormal_basis(torch.cat(blocks, dim=-1))
     return _truncated_svd_of_projection(Q, A, k)
@@ -554,7 +559,7 @@ def chebyshev_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Tensor,
     it keeps no basis between ``Aᵀ B`` and ``A (Aᵀ B)``, so, as in
     ``gram_subspace``, the iteration sees ``A``'s squared spectrum."""
     X = chebyshev_filtered_iterate(
-        lambda B: _column_major_product(A, matrix_product(A.mT, B)), _column_major_product(A, omega), k, niter
+        lambda B: _column_major_product(A, _column_major_product(A.mT, B)), _column_major_product(A, omega), k, niter
     )
     return _truncated_svd_of_projection(_orthonormal_basis(X), A, k)
 
