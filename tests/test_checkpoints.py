@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lowrank_merge as lm
+from lowrank_merge import checkpoints
 from lowrank_merge.checkpoints import (
     CheckpointError,
     SafetensorsReader,
@@ -236,6 +237,52 @@ def test_writer_single_file_and_empty_model(tmp_path, models):
     with ShardedWriter(tmp_path / "empty", []) as writer:
         writer.commit()
     assert load_file(str(tmp_path / "empty" / "model.safetensors")) == {}
+
+
+@pytest.mark.parametrize("chunk", [1, 1000, 10**9])
+def test_writer_starts_writing_each_chunk_to_disk_as_it_goes(tmp_path, models, monkeypatch, chunk):
+    """Every WRITEBACK_CHUNK of a shard is handed to the kernel's write-back in
+    order (each byte once, from the shard's start) while later tensors are still
+    to come; the output is the same as without write-back."""
+    state = models[0]
+    started = []
+    real_start = checkpoints._start_writeback
+
+    def start(descriptor, offset, length):
+        started.append((os.readlink(f"/proc/self/fd/{descriptor}"), offset, length, os.fstat(descriptor).st_size))
+        if real_start is not None:
+            real_start(descriptor, offset, length)
+
+    monkeypatch.setattr(checkpoints, "WRITEBACK_CHUNK", chunk)
+    monkeypatch.setattr(checkpoints, "_start_writeback", start)
+    with ShardedWriter(tmp_path / "out", _specs(state), max_shard_size=2000) as writer:
+        for name, tensor in state.items():
+            writer.write(name, tensor)
+        writer.commit()
+    assert_same_state(load_output(tmp_path / "out"), state)
+    by_shard = {}
+    for path, offset, length, size_then in started:
+        assert length >= chunk and offset + length <= size_then  # only bytes already in the file
+        by_shard.setdefault(os.path.basename(path), []).append((offset, length))
+    if chunk == 10**9:
+        assert started == []
+        return
+    shards = sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors"))
+    assert sorted(by_shard) == shards
+    for ranges in by_shard.values():
+        assert ranges[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))
+    if chunk == 1:  # after every tensor: each range ends where a tensor's bytes end
+        assert len(started) == len(state)
+
+
+def test_writer_without_write_back_writes_the_same(tmp_path, models, monkeypatch):
+    monkeypatch.setattr(checkpoints, "_start_writeback", None)
+    monkeypatch.setattr(checkpoints, "WRITEBACK_CHUNK", 1)
+    with ShardedWriter(tmp_path / "one.safetensors", _specs(models[0])) as writer:
+        for name, tensor in models[0].items():
+            writer.write(name, tensor)
+        writer.commit()
+    assert_same_state(load_file(str(tmp_path / "one.safetensors")), models[0])
 
 
 def test_writer_removes_everything_on_error(tmp_path, models):
