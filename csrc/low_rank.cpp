@@ -27,11 +27,12 @@ at::Tensor rows_of_interchanges(const at::Tensor& pivots, int64_t m) {
   const auto swap_with = pivots_cpu.accessor<int32_t, 2>();
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t i = 0; i < p; ++i) {
-      // LAPACK returns out-of-range interchanges for a non-finite iterate: an
-      // error here, not a write out of bounds.
+      // An out-of-range interchange (torch 2.13's batched CPU LU returned some
+      // for some shapes, benchmarks/NOTES.md): an error, not a write out of bounds.
       TORCH_CHECK(
           swap_with[b][i] >= 1 && swap_with[b][i] <= m, "lowrank_merge: the LU factorisation of an iterate returned ",
-          "the row interchange ", swap_with[b][i], " outside [1, ", m, "]: the iterate is not finite");
+          "the row interchange ", swap_with[b][i], " outside [1, ", m,
+          "]: a fault of the LAPACK call (please report the layer's shape)");
       std::swap(row_of[b][i], row_of[b][swap_with[b][i] - 1]);
     }
   }

@@ -290,10 +290,10 @@ def _rows_of_interchanges(pivots: Tensor, m: int) -> Tensor:
     for swap_with in pivots.tolist():
         row_of = list(range(m))
         for i, j in enumerate(swap_with):
-            if not 1 <= j <= m:  # LAPACK's answer for a non-finite iterate
+            if not 1 <= j <= m:  # e.g. torch 2.13's batched CPU LU on some shapes (benchmarks/NOTES.md)
                 raise RuntimeError(
                     f"lowrank_merge: the LU factorisation of an iterate returned the row interchange {j} "
-                    f"outside [1, {m}]: the iterate is not finite"
+                    f"outside [1, {m}]: a fault of the LAPACK call (please report the layer's shape)"
                 )
             row_of[i], row_of[j - 1] = row_of[j - 1], row_of[i]
         rows.append(row_of)
