@@ -50,23 +50,23 @@ std::tuple<at::Tensor, at::Tensor> lu_iteration_basis_and_factor(const at::Tenso
   // [3, 4096, 1536], [4, 4096, 1024] or [8, 4096, 496]; benchmarks/NOTES.md).
   // No error checks: a zero pivot (Y rank deficient) leaves a zero column below
   // L's unit diagonal, and P L keeps full rank.
-  std::vector<at::Tensor> LUs_t, pivots_per_matrix;
+  // Each LU is column-major, so L^T [p, m] is its contiguous side: L's rows are
+  // permuted as L^T's columns (2-3x faster than tril and a row scatter on [B, m, p]).
+  // L^T and U are taken from each LU directly.
+  std::vector<at::Tensor> Lts, factors, pivots_per_matrix;
   for (int64_t b = 0; b < Yb.size(0); ++b) {
     auto [lu, matrix_pivots, info] = at::linalg_lu_factor_ex(Yb[b], /*pivot=*/true, /*check_errors=*/false);
-    LUs_t.push_back(lu.mT());  // lu is column-major: its transpose [p, m] is contiguous
+    Lts.push_back(lu.mT().triu(1));
+    factors.push_back(lu.narrow(0, 0, p).triu());
     pivots_per_matrix.push_back(matrix_pivots);
   }
-  const auto LU = at::stack(LUs_t).mT();  // [B, m, p], column-major
-  const auto pivots = at::stack(pivots_per_matrix);
-  // LU is column-major, so L^T [B, p, m] is the contiguous side: L's rows are
-  // permuted as L^T's columns (2-3x faster than tril and a row scatter on [B, m, p]).
-  auto Lt = LU.mT().triu(1);
+  auto Lt = at::stack(Lts);  // [B, p, m]
   Lt.diagonal(0, -2, -1).fill_(1);
-  const auto rows = rows_of_interchanges(pivots, m);  // L's row i is row rows[i] of P L
+  const auto rows = rows_of_interchanges(at::stack(pivots_per_matrix), m);  // L's row i is row rows[i] of P L
   auto basis_t = at::empty_like(Lt).scatter_(-1, rows.unsqueeze(-2).expand({-1, p, -1}), Lt);
   auto factor_sizes = Y.sizes().vec();
   factor_sizes[factor_sizes.size() - 2] = p;
-  return {basis_t.mT().reshape(Y.sizes()), LU.narrow(-2, 0, p).triu().reshape(factor_sizes)};
+  return {basis_t.mT().reshape(Y.sizes()), at::stack(factors).reshape(factor_sizes)};
 }
 
 at::Tensor lu_iteration_basis(const at::Tensor& Y) {

@@ -319,15 +319,15 @@ def _iteration_basis_and_factor(Y: Tensor) -> tuple[Tensor, Tensor]:
     # (benchmarks/NOTES.md). No error checks: a zero pivot (Y rank deficient)
     # leaves a zero column below L's unit diagonal, and P L keeps full rank.
     factorizations = [torch.linalg.lu_factor_ex(matrix) for matrix in Yb]
-    LU = torch.stack([lu.mT for lu, _, _ in factorizations]).mT  # column-major, as LAPACK returns it
     pivots = torch.stack([matrix_pivots for _, matrix_pivots, _ in factorizations])
-    # LU is column-major, so Lᵀ [B, p, m] is the contiguous side: L's rows are
-    # permuted as Lᵀ's columns.
-    Lt = LU.mT.triu(1)
+    # Each LU is column-major, so Lᵀ [p, m] is its contiguous side: L's rows are
+    # permuted as Lᵀ's columns. Lᵀ and U are taken from each LU directly.
+    Lt = torch.stack([lu.mT.triu(1) for lu, _, _ in factorizations])
     Lt.diagonal(dim1=-2, dim2=-1).fill_(1)
+    factor = torch.stack([lu[:p].triu() for lu, _, _ in factorizations])
     rows = _rows_of_interchanges(pivots, m)  # L's row i is row rows[i] of P L
     basis_t = torch.empty_like(Lt).scatter_(-1, rows.unsqueeze(-2).expand(-1, p, -1), Lt)
-    return basis_t.mT.reshape(Y.shape), LU[:, :p, :].triu().reshape(*Y.shape[:-2], p, p)
+    return basis_t.mT.reshape(Y.shape), factor.reshape(*Y.shape[:-2], p, p)
 
 
 def _iteration_basis(Y: Tensor) -> Tensor:
@@ -449,7 +449,7 @@ def _fill_gram_block(rows: Tensor, gram: Tensor, lo: int, hi: int) -> None:
 
 
 def chebyshev_cut(basis: Tensor, product: Tensor, k: int) -> Tensor:
-    """The cut ``b [..., 1, 1]`` of the Chebyshev filter of :func:`gram_subspace_svd`:
+    """The cut ``b [..., 1, 1]`` of the Chebyshev filter (:func:`chebyshev_filtered_iterate`):
     the ``c``-th largest Ritz value of ``G`` on the span of ``basis [..., s, l]``,
     ``c = min(l, (k + l) // 2 + 1)``, from ``product = G · basis``.
 
