@@ -41,10 +41,11 @@ allocator peak above what was allocated before), the relative error
 ‖Δ − Δ_ref64‖_F / ‖Δ_ref64‖_F of the low-rank sum against a float64 dense
 reference (thin float64 SVD per task; only on layers with at most
 ``--error-max-weights`` weights, the rest say n/a), and time / floor, where
-floor = max(FLOPs of our default engine / measured sgemm rate, minimal bytes /
-measured copy bandwidth). FLOPs are counted from the randomized engine's steps
-(:func:`randomized_flops`); the minimal bytes are reading the T inputs and
-writing the average and the delta once. The sgemm rate (a 2048³ fp32 product)
+floor = max(FLOPs / measured sgemm rate, minimal bytes / measured copy
+bandwidth), a fixed yardstick: the FLOPs are the randomized engine's at
+niter 2 (:func:`randomized_flops`; the accurate default does more), the
+minimal bytes are reading the T inputs and writing the average and the delta
+once. The sgemm rate (a 2048³ fp32 product)
 and the copy bandwidth (a 256 MiB copy, read + write) are measured at the
 start of the run with the same thread count.
 
@@ -54,7 +55,9 @@ default engine, rank ratio 0.02; and ``average``, the same I/O without a
 decomposition) in a subprocess whose peak RSS comes from ``wait4``; the time
 of the whole call is compared with reading every byte of the T inputs once
 (``readinto``, the I/O floor), with a cold page cache (the files evicted with
-``fsync`` + ``POSIX_FADV_DONTNEED``, no root needed) and a warm one.
+``fsync`` + ``POSIX_FADV_DONTNEED``, no root needed) and a warm one. Beside
+them: the same merges of the same tensors already in memory (no I/O), and
+CART's FLOP floor (as above) for the case, each as a multiple of the reads.
 
 Output: a table on stdout, ``--json PATH``, and (not with ``--quick``)
 ``benchmarks/results/run_<device>_<date>.md``.
@@ -437,13 +440,22 @@ def case_totals(layers: list[dict], ratios: list[float]) -> dict:
 
 STREAM_MERGE = """
 import json, sys, time, lowrank_merge as lm
+from pathlib import Path
 from lowrank_merge.streaming import merge_checkpoints
-method = sys.argv[1]
-settings = lm.method_settings(method, **({"rank_ratio": 0.02} if method == "cart" else {}))
-start = time.perf_counter()
-result = merge_checkpoints(sys.argv[3:], sys.argv[2], settings)
-call = time.perf_counter() - start
-print(json.dumps({"seconds": result.seconds, "call_seconds": call, "bytes_read": result.bytes_read}))
+from safetensors.torch import load_file
+method, where, output, models = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+parameters = {"rank_ratio": 0.02} if method == "cart" else {}
+if where == "memory":
+    state_dicts = [{name: tensor for file in sorted(Path(model).glob("*.safetensors")) for name, tensor in load_file(file).items()}
+                   for model in models]
+    start = time.perf_counter()
+    lm.merge(state_dicts, method, **parameters)
+    print(json.dumps({"call_seconds": time.perf_counter() - start}))
+else:
+    start = time.perf_counter()
+    result = merge_checkpoints(models, output, lm.method_settings(method, **parameters))
+    call = time.perf_counter() - start
+    print(json.dumps({"seconds": result.seconds, "call_seconds": call, "bytes_read": result.bytes_read}))
 """
 #: The streaming merges: CART, and ``average``, which reads, checks and writes
 #: everything as CART does but decomposes nothing (the I/O path alone).
@@ -480,18 +492,33 @@ def evict_from_page_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def run_streaming(args) -> dict:
+def _stream_merge(method: str, where: str, output: Path, paths: list[Path], env: dict) -> dict:
+    """Run :data:`STREAM_MERGE` in a subprocess: its times and its peak RSS."""
+    merged = run_measured([sys.executable, "-c", STREAM_MERGE, method, where, str(output), *map(str, paths)], env)
+    shutil.rmtree(output, ignore_errors=True)
+    return {**json.loads(merged["stdout"].strip().splitlines()[-1]), "maxrss": merged["maxrss"]}
+
+
+def run_streaming(args, rates: dict) -> dict:
     """Merge T checkpoints from disk against reading them once, with a cold
     page cache (the files evicted first: what merging models larger than RAM
-    sees) and a warm one (every file just read)."""
+    sees) and a warm one (every file just read). Beside them, the same merges
+    of the same tensors already in memory (no I/O at all) and CART's FLOP floor
+    at the measured sgemm rate: what a streaming merge cannot go below,
+    however well it overlaps reading, computing and writing."""
     T, layers, dim = args.stream_models, *args.stream_shape
+    rank_ratio = 0.02
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     env[engines.CPU_MATMUL_ENV] = lm.cpu_matmul_backend()
+    k = max(1, math.floor(rank_ratio * dim))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = build_models(tmp, T, layers, dim, 2, "float32")
-        result: dict = {"models": T, "layers": layers, "dim": dim, "rank_ratio": 0.02, "largest_tensor_bytes": dim * dim * 4}
+        result: dict = {
+            "models": T, "layers": layers, "dim": dim, "rank_ratio": rank_ratio, "largest_tensor_bytes": dim * dim * 4,
+            "cart_flop_floor_seconds": layers * floor_of(T, dim, dim, k, 4, rates)["flops_seconds"],
+        }
         for cache in ("cold", "warm"):
             reads = []
             for _ in range(args.repeats):
@@ -506,13 +533,14 @@ def run_streaming(args) -> dict:
             result[cache] = {"read_seconds": read_seconds}
             for method in STREAM_METHODS:
                 evict_from_page_cache(paths) if cache == "cold" else read_all(paths)
-                merged = run_measured([sys.executable, "-c", STREAM_MERGE, method, str(tmp / "merged"), *map(str, paths)], env)
-                shutil.rmtree(tmp / "merged")
-                times = json.loads(merged["stdout"].strip().splitlines()[-1])
+                times = _stream_merge(method, "disk", tmp / "merged", paths, env)
                 result[cache][method] = {
                     "merge_seconds": times["seconds"], "call_seconds": times["call_seconds"],
-                    "x_io_floor": times["call_seconds"] / read_seconds, "peak_rss_bytes": merged["maxrss"],
+                    "x_io_floor": times["call_seconds"] / read_seconds, "peak_rss_bytes": times["maxrss"],
                 }
+        result["in_memory_seconds"] = {
+            method: _stream_merge(method, "memory", tmp / "merged", paths, env)["call_seconds"] for method in STREAM_METHODS
+        }
         result["baseline_rss_bytes"] = run_measured([sys.executable, "-c", "import torch, lowrank_merge"], env)["maxrss"]
     return result
 
@@ -574,6 +602,18 @@ def tables(report: dict) -> list[str]:
                     f"{_fmt_seconds(read_seconds)} | {row['x_io_floor']:.1f} | {row['peak_rss_bytes'] / MiB:.1f} MiB | "
                     f"{stream['baseline_rss_bytes'] / MiB:.1f} MiB |"
                 )
+        cold, warm = stream["cold"]["read_seconds"], stream["warm"]["read_seconds"]
+        without_io = [(f"{method} of the same tensors in memory (`lowrank_merge.merge`, no I/O)", seconds)
+                      for method, seconds in stream["in_memory_seconds"].items()]
+        without_io.append(("CART's FLOP floor (the randomized engine's FLOPs at niter 2 / measured sgemm)",
+                           stream["cart_flop_floor_seconds"]))
+        lines += [
+            "", "Without I/O: what a streaming merge cannot go below, however well it overlaps reading, "
+            "computing and writing.", "",
+            "| without I/O | time | / cold read | / warm read |", "|---|---|---|---|",
+        ]
+        lines += [f"| {label} | {_fmt_seconds(seconds)} | {seconds / cold:.1f} | {seconds / warm:.1f} |"
+                  for label, seconds in without_io]
     if report["notes"]:
         lines += [""] + [f"note: {note}" for note in report["notes"]]
     return lines
@@ -660,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         report["cases"].append(run_case(case, stacks, args, device, rates))
     if not args.no_streaming:
         print("streaming merge", flush=True)
-        report["streaming"] = run_streaming(args)
+        report["streaming"] = run_streaming(args, rates)
     body = tables(report)
     print("\n".join(body))
     if args.json:
