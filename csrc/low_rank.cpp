@@ -215,7 +215,10 @@ at::Tensor triangular_inverse(at::Tensor R) {
 //   Z1 = (G - b/2) Z0,  Z2 = (G - b/2) Z1 - b^2/8 Z0,  Z_{j+1} = (G - b/2) Z_j - b^2/16 Z_{j-1}.
 // Before each product Z_j is replaced by its basis Z_j R^-1 (steps.iteration_basis_and_factor)
 // and Z_{j-1} by Z_{j-1} R^-1 (the same right factor, so the recurrence holds),
-// which keeps the block well conditioned. The twin: lowrank_merge.engines.chebyshev_filtered_iterate.
+// which keeps the block well conditioned. The weights are applied as two factors,
+// b^2/8 = (b/4)(b/2) and b^2/16 = (b/4)^2, never as b^2: that overflows float32
+// once b > 1.8e19 (task vectors of magnitude ~1e9), where each factor and each
+// product stay ~b. The twin: lowrank_merge.engines.chebyshev_filtered_iterate.
 at::Tensor chebyshev_filtered_iterate(
     const std::function<at::Tensor(const at::Tensor&)>& apply_gram, const at::Tensor& start, int64_t k,
     int64_t niter, const EngineSteps& steps) {
@@ -223,18 +226,19 @@ at::Tensor chebyshev_filtered_iterate(
   auto basis = steps.iteration_basis(start);
   auto current = apply_gram(basis);
   const auto cut = chebyshev_cut(basis, current, k);
-  const auto half_cut = cut * 0.5;
-  current.sub_(basis * half_cut);
+  const auto half = cut * 0.5;
+  const auto quarter = cut * 0.25;
+  current.sub_(basis * half);
   auto previous = basis;
-  auto weight = cut * cut * 0.125;
+  auto second_factor = half;
   for (int64_t i = 1; i < niter; ++i) {
     at::Tensor factor;
     std::tie(basis, factor) = steps.iteration_basis_and_factor(current);
     previous = column_major_product(previous, triangular_inverse(factor));
     current = apply_gram(basis);
-    current.sub_(basis * half_cut).sub_(previous * weight);
+    current.sub_(basis * half).sub_((previous * quarter).mul_(second_factor));
     previous = basis;
-    weight = cut * cut * 0.0625;
+    second_factor = quarter;
   }
   return current;
 }

@@ -31,7 +31,14 @@ from .engines import (
     task_average,
 )
 from .selection import KeyFilter, rank_for
-from .validation import TensorMeta, check_compatible, check_merge_parameters, check_scale, check_tensor_values
+from .validation import (
+    TensorMeta,
+    all_finite,
+    check_compatible,
+    check_merge_parameters,
+    check_scale,
+    check_tensor_values,
+)
 
 #: The CART paper's headline rank ratio (about 8 % of min(m, n)).
 DEFAULT_RANK_RATIO = 0.08
@@ -184,11 +191,16 @@ def _sketch_for(A: Tensor, k: int, settings: MergeSettings) -> tuple[str, int, T
     return engine, niter, gaussian_sketch(n, width, settings.seed, A.dtype, A.device)
 
 
+def _check_rank(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+
+
 def _check_stack(stack: Tensor, k: int) -> None:
     if not isinstance(stack, Tensor) or stack.dim() != 3 or not stack.dtype.is_floating_point:
         raise ValueError(f"stack must be a floating tensor of shape [T, m, n], got {_describe(stack)}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    _check_rank(k)
+    check_tensor_values("stack", stack.unbind(0), [f"task {t}" for t in range(stack.shape[0])])
 
 
 def _describe(value: object) -> str:
@@ -225,21 +237,49 @@ def _delta_is_zero(shape: Sequence[int], k: int) -> bool:
     return T == 1 or k >= min(m, n)
 
 
+def _layer_description(stack: Tensor, k: int, settings: MergeSettings, name: str | None) -> str:
+    T, m, n = stack.shape
+    layer = f"layer {name!r}" if name is not None else "a layer"
+    return f"{layer} (T={T} tasks of {m} x {n}, k={k}, svd={settings.svd!r}, {stack.dtype})"
+
+
+#: Why a decomposition of finite inputs can fail, and what to do about it.
+_EXTREME_SCALE_ADVICE = (
+    "Its inputs are finite, so the likely cause is task vectors of extreme magnitude "
+    "(about 1e-20 and below, or 1e18 and above, in float32): the engines that form Gram "
+    "matrices (gram, gram_subspace, chebyshev, auto) square them out of float32's range. "
+    "Try compute_dtype=torch.float64 or svd='exact'."
+)
+
+
 @contextmanager
-def _reporting_out_of_memory(stack: Tensor, k: int, settings: MergeSettings, name: str | None) -> Iterator[None]:
-    """Re-raise a CUDA out-of-memory error with the layer, its sizes and what to try."""
+def _reporting_layer_errors(stack: Tensor, k: int, settings: MergeSettings, name: str | None) -> Iterator[None]:
+    """Re-raise a CUDA out-of-memory error or a failed factorisation with the
+    layer, its sizes and what to try."""
+    where = _layer_description(stack, k, settings, name)
     try:
         yield
     except torch.OutOfMemoryError as error:
         if stack.device.type != "cuda":
             raise
-        T, m, n = stack.shape
-        layer = f"layer {name!r}" if name is not None else "a layer"
         raise torch.OutOfMemoryError(
-            f"lowrank_merge: out of GPU memory merging {layer} (T={T} tasks of {m} x {n}, k={k}, "
-            f"svd={settings.svd!r}, {stack.dtype}). Free GPU memory, lower the rank, "
+            f"lowrank_merge: out of GPU memory merging {where}. Free GPU memory, lower the rank, "
             f"or merge on the CPU (device='cpu'). {error}"
         ) from error
+    except torch.linalg.LinAlgError as error:
+        raise torch.linalg.LinAlgError(
+            f"lowrank_merge: the decomposition of {where} failed. {_EXTREME_SCALE_ADVICE} ({error})"
+        ) from error
+
+
+def _check_finite_result(part: Tensor | Factors, stack: Tensor, k: int, settings: MergeSettings, name: str | None) -> None:
+    """A decomposition of finite inputs must give finite values: never pass NaN on to the output."""
+    tensors = part if isinstance(part, tuple) else (part,)
+    if not all(all_finite(tensor) for tensor in tensors):
+        raise FloatingPointError(
+            f"lowrank_merge: the decomposition of {_layer_description(stack, k, settings, name)} gave non-finite values. "
+            + _EXTREME_SCALE_ADVICE
+        )
 
 
 def _per_layer(
@@ -253,9 +293,11 @@ def _per_layer(
     or ``(average, None)`` where the delta is zero by identity."""
     if _delta_is_zero(stack.shape, k):
         return task_average(stack), None
-    with _reporting_out_of_memory(stack, k, settings, name):
+    with _reporting_layer_errors(stack, k, settings, name):
         engine, niter, omega = _sketch_for(stack, k, settings)
-        return op(stack, k, engine, niter, omega)
+        average, part = op(stack, k, engine, niter, omega)
+    _check_finite_result(part, stack, k, settings, name)
+    return average, part
 
 
 def _factors_in_place(
@@ -367,8 +409,8 @@ def low_rank_approx(
     """
     if not isinstance(A, Tensor) or A.dim() < 2 or A.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"A must be a float32 or float64 tensor of shape [..., m, n], got {_describe(A)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    _check_rank(k)
+    check_tensor_values("A", [A], ["the input"])
     settings = MergeSettings.create(svd=svd, niter=niter, oversample=oversample, seed=seed)
     k = min(k, *A.shape[-2:])
     engine, niter, omega = _sketch_for(A, k, settings)
@@ -648,6 +690,8 @@ def cart_decompose(
     ``cart_decompose(models, **kw).merged(λ)`` equals
     ``cart_merge(models, scale=λ, **kw)``.
     """
+    if "scale" in settings:
+        raise TypeError("cart_decompose takes no scale: give λ to .merged(scale) (or use cart_merge)")
     merge_settings = MergeSettings.create(**settings)
     state_dicts, labels = prepare_models(models, base)
     _check_all_values(state_dicts, labels)

@@ -507,20 +507,25 @@ def chebyshev_filtered_iterate(
     ``Z_{j+1} = (G − b/2) Z_j − b²/16 · Z_{j−1}``. Before each product ``Z_j`` is
     replaced by its basis ``Z_j R⁻¹`` and ``Z_{j−1}`` by ``Z_{j−1} R⁻¹`` (the same
     right factor, so the recurrence holds), which keeps the block well conditioned.
+    The weights are applied as two factors, ``b²/8 = (b/4)(b/2)`` and
+    ``b²/16 = (b/4)²``, never as ``b²``: that overflows float32 once
+    ``b > 1.8e19`` (task vectors of magnitude ~1e9), where each factor and
+    each product stay ~``b``.
     """
     if niter == 0:
         return start
     basis = _iteration_basis(start)
     current = apply_gram(basis)
     cut = chebyshev_cut(basis, current, k)
-    current.sub_(basis * (cut / 2))
-    previous, weight = basis, cut * cut / 8
+    half, quarter = cut / 2, cut / 4
+    current.sub_(basis * half)
+    previous, second_factor = basis, half
     for _ in range(niter - 1):
         basis, factor = _iteration_basis_and_factor(current)
         previous = _column_major_product(previous, _triangular_inverse(factor))
         current = apply_gram(basis)
-        current.sub_(basis * (cut / 2)).sub_(previous * weight)
-        previous, weight = basis, cut * cut / 16
+        current.sub_(basis * half).sub_((previous * quarter).mul_(second_factor))
+        previous, second_factor = basis, quarter
     return current
 
 

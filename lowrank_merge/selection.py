@@ -22,6 +22,7 @@ import torch
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     r"embed",  # embeddings, embed_tokens, token_embedding, patch_embed, ...
     r"(^|\.)(wte|wpe|shared)\.",  # GPT-2 and T5 embedding tables
+    r"relative_attention_bias",  # T5's relative position bias: a lookup table too
     r"lm_head",
     r"norm",  # LayerNorm, RMSNorm, layernorm, norm1, ...
     r"(^|[._])ln(_|\d|\.|$)",  # open_clip / GPT-2 style ln_1, ln_f, .ln.

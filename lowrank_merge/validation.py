@@ -120,7 +120,7 @@ def _first(names: Sequence[str], count: int = 5) -> str:
     return f"[{shown}{more}]"
 
 
-def _all_finite(tensor: Tensor) -> bool:
+def all_finite(tensor: Tensor) -> bool:
     """Whether every value is finite, by one vectorised sum where possible.
 
     A NaN or Inf makes the sum non-finite, so a finite sum proves every value
@@ -143,7 +143,7 @@ def check_tensor_values(name: str, tensors: Sequence[Tensor], labels: Sequence[s
     first = tensors[0]
     if first.dtype.is_floating_point:
         for tensor, label in zip(tensors, labels):
-            if not _all_finite(tensor):
+            if not all_finite(tensor):
                 bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
                 raise ValueError(f"tensor {name!r} of {label} contains {bad} values")
         return

@@ -215,12 +215,13 @@ def _is_ln_token(token: str) -> bool:
 
 def default_selects(name: str, tensor: Tensor) -> bool:
     """The documented default: every floating 2-D tensor except embeddings
-    (``embed``, GPT-2/T5 ``wte``/``wpe``/``shared`` tables, ``position``, class
-    tokens), output heads tied to them (``lm_head``) and norms (``norm``,
-    ``ln_1``/``ln_f``/``.ln.``). Written with string operations, not regexes."""
+    (``embed``, GPT-2/T5 ``wte``/``wpe``/``shared`` tables, T5's
+    ``relative_attention_bias``, ``position``, class tokens), output heads tied
+    to them (``lm_head``) and norms (``norm``, ``ln_1``/``ln_f``/``.ln.``).
+    Written with string operations, not regexes."""
     if not (tensor.dtype.is_floating_point and tensor.dim() == 2):
         return False
-    lowered_words = ("embed", "lm_head", "norm", "position", "cls_token", "class_embedding")
+    lowered_words = ("embed", "lm_head", "norm", "position", "cls_token", "class_embedding", "relative_attention_bias")
     if any(word in name for word in lowered_words):
         return False
     parts = name.split(".")

@@ -373,6 +373,30 @@ def test_bad_layer_arguments(stack, k, match):
         lm.cart_layer_parts(stack, k)
 
 
+@pytest.mark.parametrize("bad, word", [(float("nan"), "NaN"), (float("inf"), "Inf")])
+def test_non_finite_layer_stack_names_the_task(bad, word):
+    """Centering would spread one task's NaN to every task: the building blocks
+    check the stack first and name the task that holds it."""
+    stack = torch.randn(3, 8, 6)
+    stack[1, 2, 3] = bad
+    with pytest.raises(ValueError, match=f"tensor 'stack' of task 1 contains {word} values"):
+        lm.cart_layer(stack, 2, 1.0)
+    with pytest.raises(ValueError, match=f"tensor 'stack' of task 1 contains {word} values"):
+        lm.cart_layer_parts(stack, 2)
+
+
+def test_non_finite_low_rank_approx_input():
+    A = torch.randn(8, 6)
+    A[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="tensor 'A' of the input contains Inf values"):
+        lm.low_rank_approx(A, 2)
+
+
+def test_cart_decompose_takes_no_scale():
+    with pytest.raises(TypeError, match=r"cart_decompose takes no scale: give λ to \.merged\(scale\)"):
+        lm.cart_decompose(_models(), scale=3.0)
+
+
 def test_bad_layer_settings():
     stack = torch.zeros(2, 4, 3)
     with pytest.raises(ValueError, match="unknown svd engine 'nope'"):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lowrank_merge as lm
+from lowrank_merge import _ops as ops
 
 FAST_ENGINES = ["randomized", "krylov", "gram", "gram_subspace", "chebyshev", "auto"]
 ALL_ENGINES = ["exact", *FAST_ENGINES]
@@ -253,6 +254,24 @@ def test_accurate_engines_match_the_float64_low_rank_sum_without_a_gap(shape):
         assert _low_rank_sum_error_vs_float64(stack, k, svd) <= 1e-2, svd
 
 
+@pytest.mark.parametrize("path", ["extension", "twin"])
+@pytest.mark.parametrize("svd", ALL_ENGINES)
+def test_scaled_task_vectors_give_the_scaled_delta(svd, path, monkeypatch):
+    """delta(2⁵⁰ · stack) = 2⁵⁰ · delta(stack): scaling by a power of two is
+    exact, so only a step that overflows or underflows on the way can break it.
+    The Chebyshev filter's weight b² did, from task vectors of ~1e9, before it
+    was applied as two factors of ~b each."""
+    if path == "twin":
+        monkeypatch.setattr(ops, "has_kernel", lambda device_type: False)
+    elif not ops.has_kernel("cpu"):
+        pytest.skip("the C++ extension is not built")
+    stack = _power_law_stack(3, 96, 64, seed=3)
+    factor = 2.0**50
+    _, delta = lm.cart_layer_parts(stack, 8, svd=svd)
+    _, scaled = lm.cart_layer_parts(stack * factor, 8, svd=svd)
+    assert ((scaled / factor - delta).norm() / delta.norm()).item() <= 1e-5
+
+
 def test_gram_subspace_is_exact_on_low_rank_task_vectors():
     """LoRA-like task vectors of rank 6 < k + oversample: the Gram matrix is
     singular, so are the iterates (the LU bases keep full rank; on CUDA
@@ -482,3 +501,53 @@ def test_iteration_basis_of_a_batch_where_torchs_batched_lu_fails():
     basis, factor = lm.engines._iteration_basis_and_factor(Y)
     assert torch.isfinite(basis).all() and basis.abs().max() <= 1.0
     assert (basis @ factor - Y).norm() <= 1e-4 * Y.norm()
+
+
+# ---------------------------------------------------------------------------
+# A decomposition that fails, or returns non-finite values, is reported
+# ---------------------------------------------------------------------------
+
+
+def _one_layer_models(T: int = 3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(4)
+    return [{"blocks.0.attn.weight": torch.randn(12, 10, generator=g)} for _ in range(T)]
+
+
+def test_a_failed_decomposition_names_the_layer_and_what_to_try(monkeypatch):
+    def failing(*args):
+        raise torch.linalg.LinAlgError("linalg.eigh: (Batch element 0): The algorithm failed to converge")
+
+    monkeypatch.setattr(ops, "low_rank_factors", failing)
+    expected = (
+        r"the decomposition of layer 'blocks\.0\.attn\.weight' \(T=3 tasks of 12 x 10, k=1, svd='auto', "
+        r"torch\.float32\) failed\..*Try compute_dtype=torch\.float64 or svd='exact'\..*failed to converge"
+    )
+    with pytest.raises(torch.linalg.LinAlgError, match=expected):
+        lm.cart_merge(_one_layer_models())
+
+
+def test_non_finite_factors_never_reach_the_output(monkeypatch):
+    real = ops.low_rank_factors
+
+    def poisoned(*args):
+        U, S, Vh = real(*args)
+        return U, S * float("nan"), Vh
+
+    monkeypatch.setattr(ops, "low_rank_factors", poisoned)
+    with pytest.raises(FloatingPointError, match=r"decomposition of layer 'blocks\.0\.attn\.weight' .* gave non-finite values"):
+        lm.cart_merge(_one_layer_models())
+    with pytest.raises(FloatingPointError, match="gave non-finite values"):
+        lm.cart_decompose(_one_layer_models())
+
+
+def test_a_non_finite_delta_of_a_layer_stack_is_reported(monkeypatch):
+    real = ops.centered_low_rank_sum
+
+    def poisoned(*args):
+        average, delta = real(*args)
+        return average, delta * float("inf")
+
+    monkeypatch.setattr(ops, "centered_low_rank_sum", poisoned)
+    stack = torch.stack([model["blocks.0.attn.weight"] for model in _one_layer_models()])
+    with pytest.raises(FloatingPointError, match=r"decomposition of a layer \(T=3 tasks of 12 x 10, k=2, .*non-finite"):
+        lm.cart_layer_parts(stack, 2)

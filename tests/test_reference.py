@@ -160,6 +160,7 @@ NAMES = [
     ("model.norm.weight", False, False),
     ("shared.weight", False, False),
     ("encoder.block.0.layer.0.SelfAttention.q.weight", True, False),  # no "attn" substring
+    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", False, False),  # T5: a lookup table
     ("visual.transformer.resblocks.0.attn.in_proj_weight", True, True),
     ("visual.transformer.resblocks.0.mlp.c_proj.weight", True, True),
     ("visual.positional_embedding", False, False),
