@@ -123,13 +123,20 @@ class CheckpointReader:
     #: files are copied to the output), else None.
     source_dir: Path | None
     files: tuple[Path, ...]
+    #: The shard index the files were listed in, if any.
+    index_file: Path | None
 
-    def __init__(self, label: str, source_dir: Path | None, files: Sequence[Path]) -> None:
+    def __init__(self, label: str, source_dir: Path | None, files: Sequence[Path], index_file: Path | None) -> None:
         self.label = label
         self.source_dir = source_dir
         self.files = tuple(files)
+        self.index_file = index_file
         self._metas: dict[str, TensorMeta] = {}
         self._locations: dict[str, Path] = {}
+
+    def input_files(self) -> tuple[Path, ...]:
+        """Every file the model is read from: its weight files and its index."""
+        return self.files + ((self.index_file,) if self.index_file is not None else ())
 
     def metas(self) -> dict[str, TensorMeta]:
         """Name -> shape and dtype, in the order the tensors lie on disk."""
@@ -200,9 +207,14 @@ class SafetensorsReader(CheckpointReader):
     """``.safetensors`` files, read with ``safe_open`` one tensor at a time."""
 
     def __init__(
-        self, label: str, files: Sequence[Path], source_dir: Path | None = None, index: Mapping[str, Path] | None = None
+        self,
+        label: str,
+        files: Sequence[Path],
+        source_dir: Path | None = None,
+        index: Mapping[str, Path] | None = None,
+        index_file: Path | None = None,
     ) -> None:
-        super().__init__(label, source_dir, files)
+        super().__init__(label, source_dir, files, index_file)
         self._byte_ranges: dict[str, tuple[int, int]] = {}  # name -> (file offset, length)
         wanted: dict[Path, set[str]] | None = None
         if index is not None:
@@ -219,9 +231,12 @@ class SafetensorsReader(CheckpointReader):
                         f"but that file does not contain it" + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
                     )
                 names = [name for name in names if name in wanted.get(file, ())]
-            for name in names:
+            ranges = _safetensors_byte_ranges(file, names)
+            # In on-disk order; safetensors breaks ties between equal offsets (empty
+            # tensors) at random, so ties go by name: the same order in every run.
+            for name in sorted(names, key=lambda name: (ranges[name][0], name)):
                 self._add(name, metas[name], file)
-            self._byte_ranges.update(_safetensors_byte_ranges(file, names))
+            self._byte_ranges.update(ranges)
 
     def will_need(self, name: str) -> None:
         # POSIX_FADV_WILLNEED starts the reads and returns; the merge asks for
@@ -285,9 +300,14 @@ class TorchReader(CheckpointReader):
     window_factor = 4
 
     def __init__(
-        self, label: str, files: Sequence[Path], source_dir: Path | None = None, index: Mapping[str, Path] | None = None
+        self,
+        label: str,
+        files: Sequence[Path],
+        source_dir: Path | None = None,
+        index: Mapping[str, Path] | None = None,
+        index_file: Path | None = None,
     ) -> None:
-        super().__init__(label, source_dir, files)
+        super().__init__(label, source_dir, files, index_file)
         self._mappable: dict[Path, bool] = {}
         self._held: dict[Path, Mapping[str, Tensor]] = {}  # legacy files, loaded whole
         self._current: tuple[Path, Mapping[str, Tensor]] | None = None
@@ -326,7 +346,9 @@ class TorchReader(CheckpointReader):
             if not self._mappable[file]:
                 obj = torch.load(str(file), map_location="cpu", weights_only=True)
         except OSError as error:
-            raise CheckpointError(f"{self.label}: cannot read {file}: {error.strerror or one_line(error)}") from error
+            if not os.access(file, os.R_OK):
+                raise CheckpointError(f"{self.label}: cannot read {file}: {error.strerror or one_line(error)}") from error
+            raise CheckpointError(self._unreadable(file, error)) from error  # torch.load's error for a truncated zip
         except Exception as error:
             message = one_line(error)
             if "weights_only" in message or "Unsupported global" in message:
@@ -334,8 +356,16 @@ class TorchReader(CheckpointReader):
                     f"{self.label}: {file} holds Python objects that torch.load(weights_only=True) refuses to "
                     "unpickle; save a plain state dict (or convert it to safetensors)"
                 ) from error
-            raise CheckpointError(f"{self.label}: {file} is not a readable torch checkpoint ({message})") from error
+            raise CheckpointError(self._unreadable(file, error)) from error
         return self._state_dict(obj, file)
+
+    def _unreadable(self, file: Path, error: Exception) -> str:
+        """torch.load's own errors for damaged files are cryptic (``OSError: Invalid
+        argument``, ``KeyError: 101``): say what they mean, then quote them."""
+        return (
+            f"{self.label}: {file} is not a readable torch checkpoint: truncated, corrupt, or not written by "
+            f"torch.save (torch.load: {type(error).__name__}: {one_line(error)})"
+        )
 
     def _state_dict(self, obj: object, file: Path) -> Mapping[str, Tensor]:
         if isinstance(obj, Mapping) and not all(isinstance(value, Tensor) for value in obj.values()):
@@ -397,9 +427,9 @@ def _reader_for_index(index_path: Path, label: str, source_dir: Path | None) -> 
     index = _read_index(index_path, label)
     files = sorted(set(index.values()))
     if all(file.name.endswith(".safetensors") for file in files):
-        return SafetensorsReader(label, files, source_dir, index)
+        return SafetensorsReader(label, files, source_dir, index, index_path)
     if all(file.suffix in TORCH_SUFFIXES for file in files):
-        return TorchReader(label, files, source_dir, index)
+        return TorchReader(label, files, source_dir, index, index_path)
     raise CheckpointError(f"{label}: {index_path.name} lists shards of unknown or mixed formats")
 
 
@@ -462,7 +492,8 @@ def open_checkpoint(path: str | os.PathLike[str], label: str | None = None) -> C
             return _find_in_folder(path, label)
         except PermissionError as error:
             raise CheckpointError(f"{label}: cannot list {path}: {error.strerror}") from error
-    return _reader_for_file(path, label, None)
+    # A shard index stands for its folder (whose config.json is copied); a lone weights file does not.
+    return _reader_for_file(path, label, path.parent if path.name.endswith(".index.json") else None)
 
 
 # ---------------------------------------------------------------------------
@@ -637,14 +668,21 @@ def remove_stale_partials(target: Path) -> list[Path]:
     return removed
 
 
-def check_output_target(target: Path, *, force: bool, inputs: Iterable[Path] = ()) -> None:
-    """Fail early (before reading any model) on an output that exists without
-    ``force``, that is one of the inputs, or whose parent is not a writable folder."""
+def check_output_is_not_an_input(target: Path, inputs: Iterable[Path]) -> None:
+    """Fail on an output that is, or is a folder above, one of ``inputs``: the
+    paths given, or the files they were opened from (a weights file inside an
+    input's folder is that input too)."""
     resolved = target.resolve()
     for source in inputs:
         source = Path(source).resolve()
         if resolved == source or resolved in source.parents:
             raise CheckpointError(f"output {target} is (or contains) the input {source}; choose another --out")
+
+
+def check_output_target(target: Path, *, force: bool, inputs: Iterable[Path] = ()) -> None:
+    """Fail early (before reading any model) on an output that exists without
+    ``force``, that is one of the inputs, or whose parent is not a writable folder."""
+    check_output_is_not_an_input(target, inputs)
     if target.exists() or target.is_symlink():
         if not force:
             raise CheckpointError(f"output {target} already exists; pass --force to replace it")

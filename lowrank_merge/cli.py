@@ -157,7 +157,8 @@ def _config_from_args(args: argparse.Namespace, *, needs_out: bool) -> tuple[Mer
                 raise UsageError(f"with --config, give the output folder: {PROG} merge --config {args.config} DIR")
             out = inputs.pop()
         if inputs:
-            raise UsageError("models come from --config; give only the output folder on the command line")
+            where = "give only the output folder on the command line" if needs_out else "give no model paths with it"
+            raise UsageError(f"models come from --config; {where}")
     else:
         if not inputs:
             raise UsageError("no models given: list MODEL_1 ... MODEL_T (or use --config)")

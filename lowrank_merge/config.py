@@ -131,6 +131,9 @@ class MergeConfig:
             merged.pop("rank_ratio", None)
         if "rank_ratio" in given:
             merged.pop("rank", None)
+        if "preset" in given:  # a preset is a whole key filter: it replaces the config's patterns too
+            merged.pop("include", None)
+            merged.pop("exclude", None)
         merged.update(given)
         return replace(
             self,

@@ -217,9 +217,10 @@ def merge_method_tensor(
     """Merge the T tensors of one name with ``settings``' method.
 
     ``tensors``: the T models' tensors of one name (same shape); ``base``: the
-    base model's tensor, or None where the method does not need it. Returns a
-    fresh tensor on the first tensor's device, in ``out_dtype`` or the first
-    tensor's dtype.
+    base model's tensor, or None where the method does not need it.
+    ``labels``: the T models' names for error messages, optionally followed by
+    the base's (else it is called "base"). Returns a fresh tensor on the first
+    tensor's device, in ``out_dtype`` or the first tensor's dtype.
     """
     return settings.spec.merge_tensor(name, tensors, base, settings, labels)
 
@@ -246,9 +247,12 @@ def _merge_by_rule(
 
 
 def _with_base(tensors: Sequence[Tensor], base: Tensor | None, labels: Sequence[str]) -> tuple[list[Tensor], list[str]]:
+    """The tensors and labels to check: the T models', and the base's where it is read
+    (``labels`` may end with the base's label; else it is called "base")."""
+    models = list(labels[: len(tensors)])
     if base is None:
-        return list(tensors), list(labels)
-    return [*tensors, base], [*labels, "base"]
+        return list(tensors), models
+    return [*tensors, base], [*models, labels[len(tensors)] if len(labels) > len(tensors) else "base"]
 
 
 def _cart_tensor(

@@ -37,6 +37,7 @@ from .checkpoints import (
     CheckpointReader,
     ShardedWriter,
     TensorSpec,
+    check_output_is_not_an_input,
     check_output_target,
     open_checkpoint,
     small_files_to_copy,
@@ -292,6 +293,8 @@ def prepare_merge(
     compute = settings.compute
     device = resolve_device(compute.device)
     inputs = open_models(model_paths, base_path)
+    opened = inputs.readers + ([inputs.base] if inputs.base is not None else [])
+    check_output_is_not_an_input(out, [file for reader in opened for file in reader.input_files()])
     planned = plan_merge(inputs, compute)
     record = merge_record(model_paths, base_path, settings)
     metadata = {
@@ -347,10 +350,11 @@ def merge_names(
     try:
         started = time.perf_counter()
         with huge_page_allocations(prepared.device):  # one scope: each layer reuses the previous layers' buffers
-            settings = prepare(settings, lambda: tensor_items(f"{spec.name} pre-pass"), inputs.labels)
+            labels = inputs.labels + ([inputs.base.label] if inputs.base is not None else [])
+            settings = prepare(settings, lambda: tensor_items(f"{spec.name} pre-pass"), labels)
             for name, tensors, base_tensor in tensor_items(f"{spec.name} merge"):
                 try:
-                    merged = merge_method_tensor(name, tensors, base_tensor, settings, inputs.labels)
+                    merged = merge_method_tensor(name, tensors, base_tensor, settings, labels)
                 except RuntimeError as error:  # most torch errors do not name the tensor
                     if repr(name) in str(error):
                         raise

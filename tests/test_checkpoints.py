@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -137,6 +138,30 @@ def test_weights_only_refuses_pickled_objects(tmp_path):
     torch.save({"w": torch.zeros(2), "fn": TensorSpec("x", (1,), torch.float32)}, tmp_path / "obj.pt")
     with pytest.raises(CheckpointError, match=r"obj\.pt.*weights_only=True"):
         open_checkpoint(tmp_path / "obj.pt")
+
+
+def test_tensors_come_in_file_order_with_ties_by_name(tmp_path):
+    """Empty tensors share their offset with the next tensor; safetensors orders
+    such ties at random, the reader by name."""
+    tensors = {f"empty_{c}": torch.zeros(0, 3) for c in "qbzak"} | {"w": torch.ones(2, 2), "b": torch.ones(3)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    with open(tmp_path / "m.safetensors", "rb") as handle:
+        header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+    expected = sorted(tensors, key=lambda name: (header[name]["data_offsets"][0], name))
+    for _ in range(5):
+        assert open_checkpoint(tmp_path / "m.safetensors").names() == expected
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_torch_file_is_named_and_explained(tmp_path, models, damage):
+    """torch.load says ``OSError: Invalid argument`` for a truncated zip and
+    ``KeyError: 101`` for garbage: the error says what that means."""
+    torch.save(models[0], tmp_path / "w.pt")
+    data = (tmp_path / "w.pt").read_bytes()
+    (tmp_path / "w.pt").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"hello world" * 10)
+    expected = r"w\.pt is not a readable torch checkpoint: truncated, corrupt, or not written by torch\.save \(torch\.load: "
+    with pytest.raises(CheckpointError, match=expected):
+        open_checkpoint(tmp_path / "w.pt", label="model 2")
 
 
 def test_missing_shard_names_model_and_file(tmp_path, models):
@@ -453,6 +478,15 @@ def test_config_file_and_overrides(tmp_path):
     settings = config.with_overrides(parameters={"rank": 7, "scale": None}).settings().compute
     assert (settings.rank, settings.scale) == (7, 1.5)
     assert [p.pattern for p in settings.key_filter.include] == list(lm.REFERENCE_INCLUDE)
+    path.write_text(
+        "merge_method: cart\nmodels: [a, b]\nparameters:\n  include: [attn]\n  exclude: [bias]\n  rank: 3\n"
+    )
+    config = load_config(path)
+    # A preset on the command line replaces the config's whole key filter; a pattern replaces its own key.
+    key_filter = config.with_overrides(parameters={"preset": "all"}).settings().compute.key_filter
+    assert key_filter.include is None and key_filter.exclude == ()
+    key_filter = config.with_overrides(parameters={"exclude": ["norm"]}).settings().compute.key_filter
+    assert [p.pattern for p in key_filter.include] == ["attn"] and [p.pattern for p in key_filter.exclude] == ["norm"]
     path.write_text("merge_method: cart\nmodels: [a\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(path)

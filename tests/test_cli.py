@@ -89,6 +89,16 @@ def test_merge_single_file_bf16(tmp_path, capsys):
     assert_same_state(merged, lm.cart_merge(models, rank_ratio=0.3))
 
 
+def test_a_shard_index_stands_for_its_folder(tmp_path, sharded, fp32_models, capsys):
+    """Given as its index file, a sharded model's folder still gives the output its config."""
+    out = tmp_path / "merged"
+    index = sharded[0] / "model.safetensors.index.json"
+    code, _, err = run(["merge", index, *sharded[1:], "--out", out, "--rank", "2", "-q"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text()) == CONFIG
+    assert_same_state(load_output(out), lm.cart_merge(fp32_models, rank=2))
+
+
 def test_merge_into_one_safetensors_file_with_options(tmp_path, sharded, fp32_models, capsys):
     out = tmp_path / "merged.safetensors"
     argv = ["merge", *sharded, "-o", out, "--preset", "reference", "--svd", "krylov", "--niter", "1", "--seed", "5"]
@@ -204,8 +214,20 @@ def _break(kind, tmp_path, models):
         shutil.rmtree(paths[1])
         save_model(paths[1], broken, shards=2)
         return [*paths, "--out", out], r"tensor 'blocks\.1\.mlp\.c_fc\.weight' of .*model_1 contains NaN values"
+    if kind == "nan values in the base":
+        base = dict(models[0])
+        base["blocks.0.mlp.c_fc.bias"] = torch.full_like(base["blocks.0.mlp.c_fc.bias"], float("nan"))
+        base_path = save_model(tmp_path / "in" / "base", base)
+        argv = [*paths, "--method", "task_arithmetic", "--base", base_path, "--out", out]
+        return argv, r"tensor 'blocks\.0\.mlp\.c_fc\.bias' of base model .*in/base contains NaN values"
     if kind == "output is an input":
         return [*paths, "--out", paths[0], "--force"], r"output .*model_0 is \(or contains\) the input"
+    if kind == "output is a shard of an input":
+        shard = paths[1] / "model-00002-of-00002.safetensors"
+        return [*paths, "--out", shard, "--force"], r"output .*model_1/model-00002-of-00002\.safetensors is \(or contains\) the input"
+    if kind == "output is the index of an input":
+        index = paths[2] / "model.safetensors.index.json"
+        return [*paths, "--out", index, "--force"], r"output .*model_2/model\.safetensors\.index\.json is \(or contains\) the input"
     raise AssertionError(kind)
 
 
@@ -219,14 +241,22 @@ BAD_INPUTS = [
     "output parent missing",
     "missing model",
     "nan values",
+    "nan values in the base",
     "output is an input",
+    "output is a shard of an input",
+    "output is the index of an input",
 ]
+
+
+def _file_contents(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
 def test_bad_inputs(kind, tmp_path, fp32_models, capsys):
     argv, message = _break(kind, tmp_path, fp32_models)
     before = sorted(os.listdir(tmp_path))
+    inputs_before = _file_contents(tmp_path / "in")
     code, out, err = run(["merge", *argv, "-q"], capsys)
     assert code == 1
     lines = err.strip().splitlines()
@@ -234,6 +264,7 @@ def test_bad_inputs(kind, tmp_path, fp32_models, capsys):
     assert "Traceback" not in err
     assert re.search(message, lines[0]), lines[0]
     assert sorted(os.listdir(tmp_path)) == before  # no output folder, no temporary left behind
+    assert _file_contents(tmp_path / "in") == inputs_before  # no input touched
     if kind == "existing output":
         assert os.listdir(tmp_path / "out") == ["keep.txt"]
 
@@ -317,8 +348,10 @@ def test_bad_parameters_and_config(tmp_path, sharded, capsys):
     assert code == 1 and "unknown key 'slices'" in err
     config.write_text(f"merge_method: cart\nmodels: [{sharded[0]}]\n")
     code, _, err = run(["merge", "--config", config, sharded[0], tmp_path / "o"], capsys)
-    assert code == 2 and "models come from --config" in err
+    assert code == 2 and "models come from --config; give only the output folder on the command line" in err
     assert not (tmp_path / "o").exists()
+    code, _, err = run(["inspect", "--config", config, sharded[1]], capsys)
+    assert code == 2 and "models come from --config; give no model paths with it" in err
 
 
 def test_force_replaces_an_existing_output(tmp_path, sharded, fp32_models, capsys):
