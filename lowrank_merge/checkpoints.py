@@ -123,14 +123,14 @@ class CheckpointReader:
     #: files are copied to the output), else None.
     source_dir: Path | None
     files: tuple[Path, ...]
-    #: The shard index the files were listed in, if any.
+    #: The shard index the files were listed in, if any (set by the index's opener).
     index_file: Path | None
 
-    def __init__(self, label: str, source_dir: Path | None, files: Sequence[Path], index_file: Path | None) -> None:
+    def __init__(self, label: str, source_dir: Path | None, files: Sequence[Path]) -> None:
         self.label = label
         self.source_dir = source_dir
         self.files = tuple(files)
-        self.index_file = index_file
+        self.index_file = None
         self._metas: dict[str, TensorMeta] = {}
         self._locations: dict[str, Path] = {}
 
@@ -207,14 +207,9 @@ class SafetensorsReader(CheckpointReader):
     """``.safetensors`` files, read with ``safe_open`` one tensor at a time."""
 
     def __init__(
-        self,
-        label: str,
-        files: Sequence[Path],
-        source_dir: Path | None = None,
-        index: Mapping[str, Path] | None = None,
-        index_file: Path | None = None,
+        self, label: str, files: Sequence[Path], source_dir: Path | None = None, index: Mapping[str, Path] | None = None
     ) -> None:
-        super().__init__(label, source_dir, files, index_file)
+        super().__init__(label, source_dir, files)
         self._byte_ranges: dict[str, tuple[int, int]] = {}  # name -> (file offset, length)
         wanted: dict[Path, set[str]] | None = None
         if index is not None:
@@ -300,14 +295,9 @@ class TorchReader(CheckpointReader):
     window_factor = 4
 
     def __init__(
-        self,
-        label: str,
-        files: Sequence[Path],
-        source_dir: Path | None = None,
-        index: Mapping[str, Path] | None = None,
-        index_file: Path | None = None,
+        self, label: str, files: Sequence[Path], source_dir: Path | None = None, index: Mapping[str, Path] | None = None
     ) -> None:
-        super().__init__(label, source_dir, files, index_file)
+        super().__init__(label, source_dir, files)
         self._mappable: dict[Path, bool] = {}
         self._held: dict[Path, Mapping[str, Tensor]] = {}  # legacy files, loaded whole
         self._current: tuple[Path, Mapping[str, Tensor]] | None = None
@@ -427,10 +417,13 @@ def _reader_for_index(index_path: Path, label: str, source_dir: Path | None) -> 
     index = _read_index(index_path, label)
     files = sorted(set(index.values()))
     if all(file.name.endswith(".safetensors") for file in files):
-        return SafetensorsReader(label, files, source_dir, index, index_path)
-    if all(file.suffix in TORCH_SUFFIXES for file in files):
-        return TorchReader(label, files, source_dir, index, index_path)
-    raise CheckpointError(f"{label}: {index_path.name} lists shards of unknown or mixed formats")
+        reader: CheckpointReader = SafetensorsReader(label, files, source_dir, index)
+    elif all(file.suffix in TORCH_SUFFIXES for file in files):
+        reader = TorchReader(label, files, source_dir, index)
+    else:
+        raise CheckpointError(f"{label}: {index_path.name} lists shards of unknown or mixed formats")
+    reader.index_file = index_path
+    return reader
 
 
 def _find_in_folder(folder: Path, label: str) -> CheckpointReader:
