@@ -48,7 +48,7 @@ def _extensions():
             # targets the GPU's own arch unless TORCH_CUDA_ARCH_LIST says otherwise.
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         # No -use_fast_math: the centering kernel relies on IEEE division to
-        # match the CPU bit for bit. No cuBLAS/cuSOLVER link flags: the kernels
+        # match the CPU to rounding. No cuBLAS/cuSOLVER link flags: the kernels
         # reach them only through ATen (libtorch_cuda), on torch's own handles.
         extension = CUDAExtension(
             "lowrank_merge._C",

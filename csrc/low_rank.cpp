@@ -347,6 +347,17 @@ void check_factor_args(
 Factors low_rank_factors_generic(
     const at::Tensor& A, int64_t k, const std::string& engine, int64_t niter,
     const std::optional<at::Tensor>& omega, const EngineSteps& steps) {
+  if (A.numel() == 0) {  // an empty batch: nothing to decompose (the LU bases would stack no matrices)
+    auto shape = A.sizes().vec();
+    const auto m = shape[shape.size() - 2], n = shape.back();
+    shape.resize(shape.size() - 2);
+    auto with = [&shape](std::initializer_list<int64_t> tail) {
+      auto sizes = shape;
+      sizes.insert(sizes.end(), tail);
+      return sizes;
+    };
+    return {at::empty(with({m, k}), A.options()), at::empty(with({k}), A.options()), at::empty(with({k, n}), A.options())};
+  }
   if (engine == "exact") return exact_svd(A, k);
   if (engine == "gram") return gram_svd(A, k, steps);
   if (engine == "randomized") return randomized_svd(A, k, *omega, niter, steps);

@@ -63,13 +63,17 @@ def has_kernel(device_type: str) -> bool:
 
 if _load_error is None:
 
+    # The fake kernels (meta tensors, torch.compile) check what the real ones
+    # check: a meta omega beside a CPU A would otherwise select them and return
+    # uninitialised CPU tensors.
     @torch.library.register_fake(f"{NAMESPACE}::low_rank_factors")
     def _low_rank_factors_fake(A: Tensor, k: int, engine: str, niter: int, omega: Tensor | None):
-        *batch, m, n = A.shape
-        return A.new_empty(*batch, m, k), A.new_empty(*batch, k), A.new_empty(*batch, k, n)
+        engines.check_op_arguments(A, k, engine, niter, omega)
+        return engines.empty_factors(A, k)
 
     @torch.library.register_fake(f"{NAMESPACE}::centered_low_rank_sum")
     def _centered_low_rank_sum_fake(stack: Tensor, k: int, engine: str, niter: int, omega: Tensor | None):
+        engines.check_op_arguments(stack, k, engine, niter, omega, stack=True)
         _, m, n = stack.shape
         return stack.new_empty(m, n), stack.new_empty(m, n)
 

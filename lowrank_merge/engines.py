@@ -569,29 +569,63 @@ def chebyshev_svd(A: Tensor, k: int, omega: Tensor, niter: int) -> tuple[Tensor,
     return _truncated_svd_of_projection(_orthonormal_basis(X), A, k)
 
 
+def check_op_arguments(
+    A: Tensor, k: int, engine: str, niter: int, omega: Tensor | None, *, stack: bool = False
+) -> None:
+    """The ops' argument checks, for the twins and the ops' fake kernels: the
+    C++ ops' errors (``RuntimeError``) and messages (``check_factor_args`` in
+    csrc/low_rank.cpp). ``stack``: ``A`` must be a ``[T, m, n]`` stack."""
+    if stack and A.dim() != 3:
+        raise RuntimeError(f"lowrank_merge: expected a [T, m, n] stack, got {A.dim()} dims")
+    if A.dim() < 2:
+        raise RuntimeError(f"lowrank_merge: expected a [..., m, n] tensor, got {A.dim()} dims")
+    if A.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"lowrank_merge: expected float32 or float64, got {A.dtype}")
+    if not 1 <= k <= min(A.shape[-2:]):
+        raise RuntimeError(f"lowrank_merge: k must be in [1, min(m, n)], got {k}")
+    if niter < 0:
+        raise RuntimeError(f"lowrank_merge: niter must be >= 0, got {niter}")
+    if engine not in ENGINES:
+        raise RuntimeError(f"lowrank_merge: unknown svd engine '{engine}'")
+    if engine not in SKETCH_ENGINES:
+        return
+    if omega is None:
+        raise RuntimeError(f"lowrank_merge: svd engine '{engine}' needs a sketch matrix omega")
+    if omega.dim() != 2 or omega.shape[0] != A.shape[-1] or omega.shape[1] < k:
+        raise RuntimeError(
+            f"lowrank_merge: omega must be [n, l] with n = {A.shape[-1]} and l >= k = {k}, got {list(omega.shape)}"
+        )
+    if omega.dtype != A.dtype or omega.device != A.device:
+        raise RuntimeError("lowrank_merge: omega must have A's dtype and device")
+
+
+def empty_factors(A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Uninitialised ``U [..., m, k], S [..., k], Vh [..., k, n]`` for ``A [..., m, n]``."""
+    *batch, m, n = A.shape
+    return A.new_empty(*batch, m, k), A.new_empty(*batch, k), A.new_empty(*batch, k, n)
+
+
 def low_rank_factors(
     A: Tensor, k: int, engine: str, niter: int, omega: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k factors ``U [..., m, k], S [..., k], Vh [..., k, n]`` of ``A``.
 
     ``omega`` is required by the sketch engines and ignored by the others.
-    Inputs are assumed validated (see ``lowrank_merge.api``).
     """
+    check_op_arguments(A, k, engine, niter, omega)
+    if A.numel() == 0:  # an empty batch: nothing to decompose
+        return empty_factors(A, k)
     if engine == "exact":
         return exact_svd(A, k)
     if engine == "gram":
         return gram_svd(A, k)
-    if omega is None or omega.shape[-1] < k:
-        raise ValueError(f"svd engine {engine!r} needs a sketch matrix omega with at least k = {k} columns")
     if engine == "randomized":
         return randomized_svd(A, k, omega, niter)
     if engine == "krylov":
         return krylov_svd(A, k, omega, niter)
     if engine == "gram_subspace":
         return gram_subspace_svd(A, k, omega, niter)
-    if engine == "chebyshev":
-        return chebyshev_svd(A, k, omega, niter)
-    raise ValueError(f"unknown svd engine {engine!r}; choose one of {ENGINES}")
+    return chebyshev_svd(A, k, omega, niter)
 
 
 def task_average(stack: Tensor) -> Tensor:
@@ -622,6 +656,7 @@ def centered_low_rank_sum(
     ``stack`` is ``[T, m, n]`` in the compute dtype; both results are ``[m, n]``.
     The merged layer is ``average + scale * delta``.
     """
+    check_op_arguments(stack, k, engine, niter, omega, stack=True)
     average = task_average(stack)
     if stack.shape[-2] * stack.shape[-1] >= PER_TASK_MIN_ELEMENTS:
         U, S, Vh = _factors_task_by_task(stack, average, k, engine, niter, omega)

@@ -272,6 +272,17 @@ def test_scaled_task_vectors_give_the_scaled_delta(svd, path, monkeypatch):
     assert ((scaled / factor - delta).norm() / delta.norm()).item() <= 1e-5
 
 
+@pytest.mark.parametrize("path", ["extension", "twin"])
+@pytest.mark.parametrize("svd", ALL_ENGINES)
+def test_an_empty_batch_gives_empty_factors(svd, path, monkeypatch):
+    if path == "twin":
+        monkeypatch.setattr(ops, "has_kernel", lambda device_type: False)
+    elif not ops.has_kernel("cpu"):
+        pytest.skip("the C++ extension is not built")
+    U, S, Vh = lm.low_rank_approx(torch.zeros(0, 6, 8), 2, svd=svd)
+    assert (U.shape, S.shape, Vh.shape) == ((0, 6, 2), (0, 2), (0, 2, 8))
+
+
 def test_gram_subspace_is_exact_on_low_rank_task_vectors():
     """LoRA-like task vectors of rank 6 < k + oversample: the Gram matrix is
     singular, so are the iterates (the LU bases keep full rank; on CUDA

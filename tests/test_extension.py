@@ -179,9 +179,25 @@ OMEGA_OK = torch.zeros(4, 3)
         ("low_rank_factors", (A_OK, 2, "randomized", -1, OMEGA_OK), "niter"),
     ],
 )
-def test_cpp_op_rejects_bad_arguments(op, args, match):
+@pytest.mark.parametrize("implementation", ["extension", "twin", "fake"])
+def test_ops_reject_bad_arguments(op, args, match, implementation):
+    """The C++ op, its pure-torch twin and its fake kernel (meta tensors, torch.compile) raise alike."""
+    if implementation == "twin":
+        function = getattr(engines, op)
+    else:
+        function = getattr(torch.ops.lowrank_merge, op)
+        if implementation == "fake":
+            args = tuple(arg.to("meta") if isinstance(arg, torch.Tensor) else arg for arg in args)
     with pytest.raises(RuntimeError, match=match):
-        getattr(torch.ops.lowrank_merge, op)(*args)
+        function(*args)
+
+
+@pytest.mark.parametrize("op", ["low_rank_factors", "centered_low_rank_sum"])
+def test_a_meta_sketch_beside_a_cpu_stack_is_rejected(op):
+    """A meta argument selects the fake kernel, which must not return uninitialised tensors."""
+    stack = torch.randn(2, 6, 4)
+    with pytest.raises(RuntimeError, match="omega must have A's dtype and device"):
+        getattr(torch.ops.lowrank_merge, op)(stack, 2, "randomized", 1, OMEGA_OK.to("meta"))
 
 
 @pytest.mark.parametrize("svd", ["exact", "randomized", "krylov", "gram"])

@@ -34,7 +34,7 @@ namespace lowrank_merge {
 namespace {
 
 // One pass over a CUDA stack [T, m, n] (float32 or float64): the average [m, n]
-// and the centered stack [T, m, n], bit-identical to the CPU kernel's, computed
+// and the centered stack [T, m, n], equal to the CPU kernel's to rounding, computed
 // on the current CUDA stream (kernel: average_and_center.cu).
 std::tuple<at::Tensor, at::Tensor> average_and_center_cuda(const at::Tensor& stack_in) {
   const auto stack = stack_in.contiguous();
