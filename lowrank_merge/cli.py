@@ -242,9 +242,11 @@ def _merge(args: argparse.Namespace, config: MergeConfig, out: str, device: torc
     )
     if not quiet:
         rate = result.bytes_read / result.seconds if result.seconds > 0 else float("inf")
+        # A distributed merge's result is this rank's share of the work; the files are the whole output.
+        share = " rank 0's share:" if args.distributed else ""
         _say(
-            f"merged {len(config.models)} models into {result.path} with {settings.spec.name} ({len(result.files)} files, "
-            f"{format_size(result.bytes_written)}) in {result.seconds:.1f} s ({format_size(rate)}/s read)"
+            f"merged {len(config.models)} models into {result.path} with {settings.spec.name} ({len(result.files)} files);"
+            f"{share} {format_size(result.bytes_written)} written in {result.seconds:.1f} s ({format_size(rate)}/s read)"
         )
     return 0
 

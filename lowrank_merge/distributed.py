@@ -216,7 +216,6 @@ def merge_checkpoints_distributed(
 
     prepared = _agree(check)
     writer, share = prepared.writer, shares[rank]
-    succeeded = False
     try:
         _agree(lambda: writer.start() if rank == 0 else None)  # rank 0 creates the temporary folder
         temporary = [writer.temporary_path]
@@ -235,9 +234,16 @@ def merge_checkpoints_distributed(
 
         bytes_read, seconds = _agree(merge_share)
         _agree(lambda: writer.commit() if rank == 0 else None)
-        succeeded = True
-    finally:
-        if not succeeded:
-            writer.abort()
+    except DistributedMergeError:
+        writer.abort()
+        # Every rank raised this together, so every rank is alive: none exits
+        # before all have cleaned up. (torchrun stops the other ranks as soon as
+        # one exits with an error, which cut rank 0's removal of the temporary
+        # folder short.)
+        dist.barrier()
+        raise
+    except BaseException:
+        writer.abort()
+        raise
     files = sorted(os.listdir(out)) if rank == 0 else [writer.shard_names[index] for index in sorted(writer.owned)]
     return MergeResult(out, files, len(share.names), bytes_read, writer.data_bytes, seconds)

@@ -222,6 +222,7 @@ def merge_method_tensor(
     the base's (else it is called "base"). Returns a fresh tensor on the first
     tensor's device, in ``out_dtype`` or the first tensor's dtype.
     """
+    check_base(settings.spec, base)
     return settings.spec.merge_tensor(name, tensors, base, settings, labels)
 
 

@@ -117,7 +117,10 @@ def _score(value: object, ratio: float, scale: float) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{point}; it must return a real number (a float), not a {type(value).__name__}")
-    score = float(value)
+    try:
+        score = float(value)
+    except OverflowError:  # an int beyond float's range
+        score = math.inf
     if not math.isfinite(score):
         raise ValueError(f"{point}; the score must be finite")
     return score

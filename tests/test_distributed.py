@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ import torch.multiprocessing as mp
 
 import lowrank_merge as lm
 from lowrank_merge import distributed, streaming
-from lowrank_merge.checkpoints import TensorSpec
+from lowrank_merge.checkpoints import ShardedWriter, TensorSpec
 from lowrank_merge.distributed import RankShare, balanced_plan, shard_layout, tensor_costs
 from lowrank_merge.streaming import merge_checkpoints, open_models
 
@@ -91,6 +92,18 @@ def test_shard_layout_gives_each_rank_its_own_shards():
     assert shard_layout([RankShare(0, []), RankShare(1, [])], [], 800)[1:] == ([[]], [[0], []])
 
 
+def test_every_rank_checks_room_for_the_whole_output(tmp_path):
+    """The ranks write into one folder: each needs room for all of it, not for its own shards."""
+    specs = [TensorSpec(f"t{i}", (10, 10), torch.float32) for i in range(5)]
+    shares = [RankShare(0, ["t0", "t3"]), RankShare(1, ["t1", "t2", "t4"])]
+    ordered, shards, owned = shard_layout(shares, specs, max_shard_size=800)
+    writers = [ShardedWriter(tmp_path / "out", ordered, shards=shards, owned=mine) for mine in owned]
+    whole = ShardedWriter(tmp_path / "out", ordered, shards=shards)
+    assert [writer.data_bytes for writer in writers] == [800, 1200]  # each rank's own share ...
+    assert [writer.required_bytes() for writer in writers] == [whole.required_bytes()] * 2  # ... but room for all
+    assert whole.required_bytes() > 2000
+
+
 # ---------------------------------------------------------------------------
 # Real process groups (gloo, 2 CPU processes)
 # ---------------------------------------------------------------------------
@@ -124,8 +137,8 @@ def _worker(
         base = kwargs.pop("base", None)
         result = merge_checkpoints(paths, out, lm.method_settings(**kwargs), base=base, distributed=True)
         results[rank] = ("ok", result.tensors, result.files)
-    except Exception as error:  # reported to the test
-        results[rank] = ("error", type(error).__name__, str(error))
+    except Exception as error:  # reported to the test, with what was left on disk when this rank gave up
+        results[rank] = ("error", type(error).__name__, str(error), leftovers(Path(out).parent))
     finally:
         dist.destroy_process_group()
 
@@ -202,10 +215,12 @@ def test_a_failing_rank_aborts_every_rank_and_leaves_no_output(tmp_path, saved_m
     out = tmp_path / "out"
     results = _run_ranks(2, paths, out, kwargs, fail_on={failing_rank: victim})
     for rank in (0, 1):
-        status, kind, message = results[rank]
+        status, kind, message, left_when_raised = results[rank]
         assert (status, kind) == ("error", "DistributedMergeError"), results
         assert f"rank {failing_rank}: RuntimeError" in message and "injected failure" in message and victim in message
         assert "no output written" in message
+        # No rank returns (and exits: torchrun then stops the others) before the temporary folder is gone.
+        assert left_when_raised == [], (rank, left_when_raised)
     assert not out.exists()
     assert not leftovers(tmp_path)
 

@@ -416,6 +416,15 @@ def test_bad_base_is_named(forbid_decomposition):
         lm.merge(models, "iso_c", base=nan_base)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "tsv", "iso_c", "iso_cts"])
+def test_per_tensor_merge_without_the_base_it_needs_is_refused(method):
+    models, _ = tasks_and_base(2)
+    settings = lm.method_settings(method)
+    name = "head.weight"
+    with pytest.raises(ValueError, match=f"merge method '{method}' needs base="):
+        lm.merge_method_tensor(name, [m[name] for m in models], None, settings, ["a", "b"])
+
+
 def test_whole_model_ties_without_its_prepass_is_refused():
     models, base = tasks_and_base(2)
     settings = lm.method_settings("ties", trim="model")

@@ -462,6 +462,7 @@ def test_bad_models_are_rejected_before_decomposing():
     [
         (float("nan"), ValueError, r"evaluate returned nan at rank_ratio=0\.25, scale=2\.0; the score must be finite"),
         (float("-inf"), ValueError, r"evaluate returned -inf at rank_ratio=0\.25, scale=2\.0"),
+        (10**400, ValueError, r"evaluate returned 1000.* at rank_ratio=0\.25, scale=2\.0; the score must be finite"),
         (torch.tensor(float("nan")), ValueError, r"at rank_ratio=0\.25, scale=2\.0; the score must be finite"),
         ("0.9", TypeError, r"evaluate returned '0\.9' at rank_ratio=0\.25, scale=2\.0; it must return a real number"),
         (None, TypeError, r"evaluate returned None at rank_ratio=0\.25, scale=2\.0"),
@@ -469,7 +470,7 @@ def test_bad_models_are_rejected_before_decomposing():
         (1 + 2j, TypeError, r"not a complex"),
         (torch.ones(2), TypeError, r"not a Tensor"),
     ],
-    ids=["nan", "-inf", "nan tensor", "str", "None", "bool", "complex", "2-element tensor"],
+    ids=["nan", "-inf", "int beyond float", "nan tensor", "str", "None", "bool", "complex", "2-element tensor"],
 )
 def test_bad_score_names_the_grid_point(value, error, match):
     calls = []

@@ -78,6 +78,10 @@ def iso_cts(
 
 
 def _merge(method: str, task_tensors: Sequence[Tensor], weights: Tensor | Sequence[float], **params: object) -> Tensor:
+    # One unnamed tensor: it is always decomposed, so no key filter applies.
+    for key in ("include", "exclude"):
+        if key in params:
+            raise TypeError(f"{method}() takes no {key}: it merges one tensor, which has no name to filter on")
     settings = method_settings(method, exclude=(), **params)
     tensors = _weighted(task_tensors, weights)
     base = torch.zeros_like(tensors[0]) if settings.spec.needs_base else None

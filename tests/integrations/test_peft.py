@@ -97,3 +97,10 @@ def test_merged_delta_loads_into_the_base_model():
             getattr(merged, layer).weight += lm_peft.cart(tensors, torch.ones(3), rank_ratio=0.25, scale=2.0)
     out = merged(torch.randn(5, 24))
     assert out.shape == (5, 16) and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("key", ["include", "exclude"])
+def test_key_filters_are_refused_for_one_unnamed_tensor(key):
+    tensors = [torch.randn(6, 4) for _ in range(2)]
+    with pytest.raises(TypeError, match=f"cart\\(\\) takes no {key}: it merges one tensor"):
+        lm_peft.cart(tensors, [1.0, 1.0], **{key: "attn"})
