@@ -157,20 +157,27 @@ def _qr_flops(rows: int, cols: int) -> float:
     return 2 * (2.0 * rows * cols**2 - 2.0 / 3.0 * cols**3)
 
 
+def _lu_flops(rows: int, cols: int) -> float:
+    """LU with partial pivoting of a tall ``rows x cols`` matrix: rows·cols² − cols³/3."""
+    return rows * cols**2 - cols**3 / 3.0
+
+
 def randomized_flops(T: int, m: int, n: int, k: int, niter: int = DEFAULT_NITER,
                      oversample: int = DEFAULT_OVERSAMPLE["randomized"]) -> float:
-    """FLOPs of ``centered_low_rank_sum`` with the randomized engine, from its steps:
-    per task, with l = k + oversample: A·Ω (2mnl), QR(m×l), niter x [Aᵀ·Q (2mnl),
-    QR(n×l), A·Q (2mnl), QR(m×l)], Qᵀ·A (2mnl), thin SVD of the l×n projection
-    (R-SVD: 4nl² + 22l³), Q·U_small (2mlk); once: mean and centering (2Tmn)
-    and the sum of reconstructions as one GEMM (2mnTk)."""
+    """FLOPs of ``centered_low_rank_sum`` with the randomized engine, from its steps
+    (``engines.randomized_svd``): per task, with l = k + oversample: A·Ω (2mnl);
+    niter x [LU basis (m×l), Aᵀ·B (2mnl), LU basis (n×l), A·B (2mnl)]; QR of the
+    last iterate with Q formed (m×l); Qᵀ·A (2mnl); the projection's l × l Gram
+    matrix (2nl²) and its eigendecomposition (~9l³); W_kᵀ·(Qᵀ A) (2lkn) and Q·W_k
+    (2mlk); once: mean and centering (2Tmn) and the sum of reconstructions as
+    one GEMM (2mnTk)."""
     l = engines.sketch_width(k, oversample, m, n)
     per_task = (
         2.0 * m * n * l * (2 + 2 * niter)
-        + _qr_flops(m, l) * (1 + niter)
-        + _qr_flops(n, l) * niter
-        + 4.0 * n * l**2 + 22.0 * l**3
-        + 2.0 * m * l * k
+        + (_lu_flops(m, l) + _lu_flops(n, l)) * niter
+        + _qr_flops(m, l)
+        + 2.0 * n * l**2 + 9.0 * l**3
+        + 2.0 * l * k * n + 2.0 * m * l * k
     )
     return T * per_task + 2.0 * T * m * n + 2.0 * m * n * T * k
 
@@ -446,8 +453,9 @@ from safetensors.torch import load_file
 method, where, output, models = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 parameters = {"rank_ratio": 0.02} if method == "cart" else {}
 if where == "memory":
-    state_dicts = [{name: tensor for file in sorted(Path(model).glob("*.safetensors")) for name, tensor in load_file(file).items()}
-                   for model in models]
+    # Copies: load_file's tensors map the files, which would put page faults (or reads) in the timing.
+    state_dicts = [{name: tensor.clone() for file in sorted(Path(model).glob("*.safetensors"))
+                    for name, tensor in load_file(file).items()} for model in models]
     start = time.perf_counter()
     lm.merge(state_dicts, method, **parameters)
     print(json.dumps({"call_seconds": time.perf_counter() - start}))
@@ -466,11 +474,11 @@ def _checkpoint_files(paths: list[Path]) -> list[Path]:
     return [file for path in paths for file in sorted(path.glob("*.safetensors"))]
 
 
-def read_all(paths: list[Path], chunk: int = 64 * MiB) -> int:
+def read_all(paths: list[Path], buffer: bytearray) -> int:
     """Read every byte of every checkpoint file once into memory (plain
-    ``readinto`` in 64 MiB chunks: the fastest way to get the bytes, so the I/O
-    floor). Returns the bytes read."""
-    buffer = bytearray(chunk)
+    ``readinto`` in chunks of the caller's ``buffer``, allocated outside the
+    timing: zero-filling 64 MiB alone takes ~50 ms on the VM). The fastest way
+    to get the bytes, so the I/O floor. Returns the bytes read."""
     view = memoryview(buffer)
     total = 0
     for file in _checkpoint_files(paths):
@@ -515,6 +523,7 @@ def run_streaming(args, rates: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = build_models(tmp, T, layers, dim, 2, "float32")
+        buffer = bytearray(64 * MiB)
         result: dict = {
             "models": T, "layers": layers, "dim": dim, "rank_ratio": rank_ratio, "largest_tensor_bytes": dim * dim * 4,
             "cart_flop_floor_seconds": layers * floor_of(T, dim, dim, k, 4, rates)["flops_seconds"],
@@ -525,14 +534,14 @@ def run_streaming(args, rates: dict) -> dict:
                 if cache == "cold":
                     evict_from_page_cache(paths)
                 else:
-                    read_all(paths)
+                    read_all(paths, buffer)
                 start = time.perf_counter()
-                result["input_bytes"] = read_all(paths)
+                result["input_bytes"] = read_all(paths, buffer)
                 reads.append(time.perf_counter() - start)
             read_seconds = statistics.median(reads)
             result[cache] = {"read_seconds": read_seconds}
             for method in STREAM_METHODS:
-                evict_from_page_cache(paths) if cache == "cold" else read_all(paths)
+                evict_from_page_cache(paths) if cache == "cold" else read_all(paths, buffer)
                 times = _stream_merge(method, "disk", tmp / "merged", paths, env)
                 result[cache][method] = {
                     "merge_seconds": times["seconds"], "call_seconds": times["call_seconds"],
@@ -633,7 +642,9 @@ def header_lines(report: dict) -> list[str]:
         f"gram_subspace, chebyshev and auto (the default: per layer the cheaper of gram_subspace and chebyshev by "
         f"engine_cost) niter " + ", ".join(f"{name} {niter}" for name, niter in ACCURATE_NITER.items()) + ", oversample max(10, k // 2)",
         "timing: " + ("every method called once untimed first (--warm-long-runs)" if report.get("warm_long_runs")
-                      else "runs over 1 s timed once, cold"),
+                      else "runs over 1 s timed once, cold, with the memory sampler running (for a whole-model case "
+                      "usually the reference alone: its speed-ups then compare a cold call against warm ones; "
+                      "--warm-long-runs times both warm)"),
     ]
 
 
