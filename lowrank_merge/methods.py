@@ -124,6 +124,11 @@ class MethodSpec:
         return self.base == "required"
 
     @property
+    def reference_url(self) -> str:
+        """The paper's arXiv page (``reference`` ends with its arXiv id)."""
+        return "https://arxiv.org/abs/" + self.reference.rsplit("arXiv ", 1)[1]
+
+    @property
     def accepted(self) -> tuple[str, ...]:
         """Every parameter name the method takes."""
         engine = ENGINE_PARAMETERS if self.uses_svd else ()

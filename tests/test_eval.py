@@ -194,6 +194,7 @@ def test_demo_writes_report_json_and_plot(tmp_path, capsys, quick_run):
     "arguments, message",
     [
         (["--tasks", "mnist1d,klingon"], "klingon"),
+        (["--tasks", "mnist1d,digits_lowres,mnist1d"], "task(s) ['mnist1d'] given more than once"),
         (["--seeds", "0"], "--seeds"),
         (["--threads", "0"], "--threads"),
     ],

@@ -68,6 +68,9 @@ def _config_from(args: argparse.Namespace):
         unknown = [name for name in tasks if name not in TASK_SOURCES]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASK_SOURCES)}")
+        repeated = sorted({name for name in tasks if tasks.count(name) > 1})
+        if repeated:
+            raise ValueError(f"task(s) {repeated} given more than once in --tasks; each task is merged once")
         config = replace(config, tasks=tasks)
     if args.seeds is not None:
         if args.seeds < 1:

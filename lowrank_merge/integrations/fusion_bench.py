@@ -26,7 +26,8 @@ from fusion_bench.modelpool import BaseModelPool
 from torch import nn
 
 from ..cart import DEFAULT_RANK_RATIO, DEFAULT_SCALE
-from ..methods import merge, method_settings
+from ..config import compute_dtype, out_dtype
+from ..methods import check_base, get_method, merge, method_settings
 
 #: Hydra config directory holding ``method/lowrank_merge/{cart,merge}.yaml``.
 CONFIG_DIR = str(Path(__file__).with_name("fusion_bench_config"))
@@ -40,6 +41,10 @@ class LowRankMergeAlgorithm(BaseAlgorithm):
 
     def __init__(self, method: str = "cart", **parameters: object) -> None:
         super().__init__()
+        # Hydra passes dtypes as their names ("float64"): read them as the YAML configs are.
+        for key, read in (("compute_dtype", compute_dtype), ("out_dtype", out_dtype)):
+            if isinstance(parameters.get(key), str):
+                parameters[key] = read(parameters[key])
         method_settings(method, **parameters)
         self.method = method
         self.parameters = parameters
@@ -49,6 +54,7 @@ class LowRankMergeAlgorithm(BaseAlgorithm):
         """Merge the pool's models; returns a new module, the pool's models are not modified."""
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(modelpool)
+        check_base(get_method(self.method), True if modelpool.has_pretrained else None)  # before any model loads
         models = [modelpool.load_model(name) for name in modelpool.model_names]
         base = modelpool.load_pretrained_model() if modelpool.has_pretrained else None
         merged = merge(

@@ -26,9 +26,13 @@ lowrank_merge's (``ties`` with ``trim="tensor"``; see tests/integrations).
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from mergekit.merge_methods import (
     BasePolicy,
     GroupMergeMethod,
@@ -77,7 +81,7 @@ class LowRankMergeMethod(GroupMergeMethod):
                 base=BasePolicy.REQUIRED if spec.needs_base else BasePolicy.OPTIONAL, min_non_base=1
             ),
             pretty_name=f"{method} (lowrank_merge)",
-            reference_url=spec.reference,
+            reference_url=spec.reference_url,
         )
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
@@ -98,11 +102,44 @@ def register() -> None:
             register_method(LowRankMergeMethod(method))
 
 
+def unknown_parameters(config: Mapping[str, Any]) -> list[str]:
+    """What mergekit would silently ignore in a config for one of :data:`REGISTERED`:
+    parameters the method does not take, and any per-model parameter (every
+    parameter of these methods is shared by the models). Messages, one per place."""
+    method = config.get("merge_method")
+    if method not in REGISTERED:
+        return []
+    accepted = [parameter.name for parameter in LowRankMergeMethod(method).spec.parameters]
+    problems = []
+    unknown = sorted(set(config.get("parameters") or {}) - set(accepted))
+    if unknown:
+        problems.append(f"parameters: merge method {method!r} takes no {unknown}; its parameters: {', '.join(accepted)}")
+    sources = [("models", config.get("models") or [])]
+    sources += [(f"slices[{i}].sources", slice_.get("sources") or []) for i, slice_ in enumerate(config.get("slices") or [])]
+    for where, entries in sources:
+        for index, entry in enumerate(entries):
+            if isinstance(entry, Mapping) and entry.get("parameters"):
+                problems.append(
+                    f"{where}[{index}].parameters: {method!r} takes no per-model parameters "
+                    f"(all of its parameters are shared: give them under the top-level parameters)"
+                )
+    return problems
+
+
 def main() -> None:
-    """``lowrank-mergekit CONFIG OUT [options]``: mergekit-yaml with lowrank_merge's methods."""
+    """``lowrank-mergekit CONFIG OUT [options]``: mergekit-yaml with lowrank_merge's methods.
+
+    The config is read first: a parameter that mergekit would ignore for one of
+    lowrank_merge's methods is an error here, as it is in lowrank_merge."""
     register()
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
+    arguments = [argument for argument in sys.argv[1:] if not argument.startswith("-")]
+    if arguments and Path(arguments[0]).is_file():
+        config = yaml.safe_load(Path(arguments[0]).read_text(encoding="utf-8"))
+        problems = unknown_parameters(config) if isinstance(config, Mapping) else []
+        if problems:
+            sys.exit("lowrank-mergekit: " + "; ".join(problems))
     mergekit_yaml()
 
 

@@ -55,6 +55,28 @@ def test_cart_algorithm_runs_on_a_model_pool():
         LowRankMergeAlgorithm("ties", density=2.0)
 
 
+def test_dtypes_by_name_as_hydra_passes_them():
+    base, tasks = tiny_pool()
+    pool = BaseModelPool({f"task_{i}": task for i, task in enumerate(tasks)})
+    merged = LowRankMergeAlgorithm("cart", compute_dtype="float64", out_dtype="bfloat16", rank_ratio=0.25).run(pool)
+    expected = lm.cart_merge(
+        [t.state_dict() for t in tasks], rank_ratio=0.25, compute_dtype=torch.float64, out_dtype=torch.bfloat16
+    )
+    assert all(torch.equal(merged.state_dict()[name], tensor.to(torch.float32)) for name, tensor in expected.items())
+    with pytest.raises(ValueError, match="dtype \\(the compute dtype\\) must be float32 or float64, got 'float16'"):
+        LowRankMergeAlgorithm("cart", compute_dtype="float16")
+
+
+def test_missing_base_is_reported_before_any_model_loads():
+    _, tasks = tiny_pool()
+    pool = BaseModelPool({f"task_{i}": task for i, task in enumerate(tasks)})
+    loaded = []
+    pool.load_model = lambda name, *args, **kwargs: loaded.append(name)
+    with pytest.raises(ValueError, match="merge method 'tsv' needs base="):
+        LowRankMergeAlgorithm("tsv").run(pool)
+    assert loaded == []
+
+
 @pytest.mark.parametrize(
     "method_arguments",
     [

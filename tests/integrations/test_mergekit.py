@@ -113,3 +113,29 @@ def test_lowrank_mergekit_runs_a_mergekit_yaml(tmp_path: Path):
     tasks = [load_file(tmp_path / f"task{index}" / "model.safetensors") for index in range(2)]
     expected = lm.cart_merge(tasks, rank_ratio=0.25, scale=1.5)
     assert max_abs_diff({k: merged[k] for k in expected}, expected) == 0.0
+
+
+def test_parameters_mergekit_would_ignore_are_errors(tmp_path: Path):
+    """mergekit drops undeclared and per-model parameters without a word; lowrank-mergekit refuses them."""
+    config = {
+        "merge_method": "cart",
+        "models": [{"model": "a", "parameters": {"scale": 3.0}}, {"model": "b"}],
+        "parameters": {"rank_ration": 0.5, "density": 0.5, "scale": 1.5},
+    }
+    problems = lm_mergekit.unknown_parameters(config)
+    assert problems[0].startswith("parameters: merge method 'cart' takes no ['density', 'rank_ration']")
+    assert problems[1].startswith("models[0].parameters: 'cart' takes no per-model parameters")
+    assert lm_mergekit.unknown_parameters({"merge_method": "cart", "parameters": {"rank_ratio": 0.5}}) == []
+    assert lm_mergekit.unknown_parameters({"merge_method": "ties", "parameters": {"whatever": 1}}) == []  # mergekit's own
+    (tmp_path / "config.yaml").write_text(
+        "merge_method: cart\nmodels:\n  - model: a\n  - model: b\nparameters:\n  rank_ration: 0.5\n"
+    )
+    script = Path(sys.executable).with_name("lowrank-mergekit")
+    result = subprocess.run([str(script), str(tmp_path / "config.yaml"), str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 1 and "takes no ['rank_ration']" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_card_links_the_paper():
+    spec = lm_mergekit.LowRankMergeMethod("cart").spec
+    assert spec.reference_url == "https://arxiv.org/abs/2412.12153"
