@@ -766,10 +766,10 @@ class ShardedWriter:
     def required_bytes(self) -> int:
         """Bytes of the whole output, every shard included: writers that share
         one output folder (the distributed merge) each need room for all of it."""
-        data = sum(spec.nbytes for shard in self.shards for spec in shard)
+        tensor_bytes = sum(spec.nbytes for shard in self.shards for spec in shard)
         headers = sum(len(safetensors_header(shard, self.metadata)) for shard in self.shards)
         extra = sum(data.stat().st_size if isinstance(data, Path) else len(data) for data in self._extra.values())
-        return data + headers + extra + 2**20
+        return tensor_bytes + headers + extra + 2**20
 
     def check_space(self) -> None:
         """Fail if the target's file system lacks room for the whole output."""

@@ -613,6 +613,13 @@ def low_rank_factors(
     ``omega`` is required by the sketch engines and ignored by the others.
     """
     check_op_arguments(A, k, engine, niter, omega)
+    return _checked_low_rank_factors(A, k, engine, niter, omega)
+
+
+def _checked_low_rank_factors(
+    A: Tensor, k: int, engine: str, niter: int, omega: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`low_rank_factors` for arguments already checked."""
     if A.numel() == 0:  # an empty batch: nothing to decompose
         return empty_factors(A, k)
     if engine == "exact":
@@ -661,7 +668,7 @@ def centered_low_rank_sum(
     if stack.shape[-2] * stack.shape[-1] >= PER_TASK_MIN_ELEMENTS:
         U, S, Vh = _factors_task_by_task(stack, average, k, engine, niter, omega)
     else:
-        U, S, Vh = low_rank_factors(stack - average, k, engine, niter, omega)
+        U, S, Vh = _checked_low_rank_factors(stack - average, k, engine, niter, omega)
     return average, sum_of_reconstructions(U, S, Vh)
 
 
@@ -686,6 +693,6 @@ def _factors_task_by_task(
     per_task = []
     for task in stack:
         torch.sub(task, average, out=centered_task)
-        per_task.append(low_rank_factors(centered_task, k, engine, niter, omega))
+        per_task.append(_checked_low_rank_factors(centered_task, k, engine, niter, omega))
     U, S, Vh = (torch.stack(factor) for factor in zip(*per_task))
     return U, S, Vh

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..cart import DEFAULT_RANK_RATIO, DEFAULT_SCALE
 from ..config import compute_dtype, out_dtype
-from ..methods import check_base, get_method, merge, method_settings
+from ..methods import check_base, merge, method_settings
 
 #: Hydra config directory holding ``method/lowrank_merge/{cart,merge}.yaml``.
 CONFIG_DIR = str(Path(__file__).with_name("fusion_bench_config"))
@@ -45,7 +45,7 @@ class LowRankMergeAlgorithm(BaseAlgorithm):
         for key, read in (("compute_dtype", compute_dtype), ("out_dtype", out_dtype)):
             if isinstance(parameters.get(key), str):
                 parameters[key] = read(parameters[key])
-        method_settings(method, **parameters)
+        self.spec = method_settings(method, **parameters).spec
         self.method = method
         self.parameters = parameters
 
@@ -54,7 +54,8 @@ class LowRankMergeAlgorithm(BaseAlgorithm):
         """Merge the pool's models; returns a new module, the pool's models are not modified."""
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(modelpool)
-        check_base(get_method(self.method), True if modelpool.has_pretrained else None)  # before any model loads
+        if not modelpool.has_pretrained:
+            check_base(self.spec, None)  # a method that needs a base fails here, before any model loads
         models = [modelpool.load_model(name) for name in modelpool.model_names]
         base = modelpool.load_pretrained_model() if modelpool.has_pretrained else None
         merged = merge(
